@@ -1,0 +1,105 @@
+"""Typed stage configs: a YAML file plus `key=value` overrides -> a frozen-in-spirit dataclass.
+
+OmegaConf's structured configs do the merging and the type checks; this module only turns their
+errors into messages that name the offending key and the file it came from, and offers the helpers
+every stage uses to print and log the effective config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what to do."""
+
+
+def _valid_keys(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _explain(exc: OmegaConfBaseException, cls: type, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        parent = getattr(exc, "object_type", None) or cls
+        valid = _valid_keys(parent) if dataclasses.is_dataclass(parent) else "see --help"
+        return ConfigError(f"{origin}: unknown config key '{key}'. Valid keys here: {valid}")
+    if isinstance(exc, MissingMandatoryValue):
+        return ConfigError(f"{origin}: config key '{key}' is required; set it in the YAML or pass {key}=...")
+    if isinstance(exc, ValidationError):
+        first_line = str(exc).splitlines()[0]
+        return ConfigError(f"{origin}: config key '{key}' has the wrong type: {first_line}")
+    return ConfigError(f"{origin}: invalid config at '{key}': {str(exc).splitlines()[0]}")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides."""
+    merged = OmegaConf.structured(cls)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, cls, str(path)) from None
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, cls, "override" if overrides else str(path)) from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> string values, the shape MLflow params want."""
+    data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def print_effective(stage: str, cfg: Any) -> None:
+    print(f"# effective {stage} config", flush=True)
+    print(to_yaml(cfg), end="", flush=True)

@@ -1,0 +1,112 @@
+"""The preprocessed-dataset contract (shared/DESIGN.md): `<out>/shards/*.tar`, `manifest.json`,
+`quarantine.jsonl`. Readers go through `read_manifest`, which refuses a prefix without a manifest
+(an incomplete or still-running preprocessing job) instead of reading half a dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.data import storage
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.jsonl"
+SHARD_DIR = "shards"
+MEDIA_KEY = "mp4"
+
+
+class DatasetError(ValueError):
+    """A preprocessed dataset prefix is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class ShardInfo:
+    url: str  # relative to the dataset prefix
+    split: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    num_samples: int
+    label_map: dict[str, int]
+    shards: list[ShardInfo]
+    config: dict[str, Any]
+    input_fingerprint: str
+    inputs: int
+    quarantined: int
+    splits: dict[str, int] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = {
+            "format_version": self.format_version,
+            "num_samples": self.num_samples,
+            "inputs": self.inputs,
+            "quarantined": self.quarantined,
+            "splits": self.splits,
+            "label_map": self.label_map,
+            "input_fingerprint": self.input_fingerprint,
+            "config": self.config,
+            "shards": [vars(s) for s in self.shards],
+        }
+        return json.dumps(data, indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest.json") -> "Manifest":
+        try:
+            data = json.loads(text)
+            shards = [ShardInfo(**s) for s in data["shards"]]
+            return cls(
+                num_samples=int(data["num_samples"]),
+                label_map={str(k): int(v) for k, v in data["label_map"].items()},
+                shards=shards,
+                config=data.get("config", {}),
+                input_fingerprint=data["input_fingerprint"],
+                inputs=int(data.get("inputs", data["num_samples"])),
+                quarantined=int(data.get("quarantined", 0)),
+                splits=data.get("splits", {}),
+                format_version=int(data["format_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"{where} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+
+    def digest(self) -> str:
+        """Content digest used as the dataset's identity in MLflow lineage."""
+        return hashlib.sha256(json.dumps([vars(s) for s in self.shards], sort_keys=True).encode()).hexdigest()[:16]
+
+    def shard_urls(self, prefix: str, split: str) -> list[str]:
+        return [storage.join(prefix, s.url) for s in self.shards if s.split == split]
+
+    def split_samples(self, split: str) -> int:
+        return sum(s.num_samples for s in self.shards if s.split == split)
+
+    @property
+    def labels(self) -> list[str]:
+        return [name for name, _ in sorted(self.label_map.items(), key=lambda kv: kv[1])]
+
+
+def read_manifest(prefix: str) -> Manifest:
+    uri = storage.join(prefix, MANIFEST)
+    try:
+        present = storage.exists(uri)
+    except Exception as exc:  # noqa: BLE001 - turn any storage failure into an actionable message
+        raise DatasetError(f"cannot read {uri}: {exc}") from None
+    if not present:
+        raise DatasetError(
+            f"{prefix} has no {MANIFEST}: it is not a preprocessed dataset, or its preprocessing did not "
+            "finish (rerun `mvit preprocess` with the same output to resume it)"
+        )
+    manifest = Manifest.from_json(storage.read_bytes(uri).decode(), where=uri)
+    if manifest.format_version > FORMAT_VERSION:
+        raise DatasetError(f"{uri} has format_version {manifest.format_version}; this code reads <= {FORMAT_VERSION}")
+    return manifest
+
+
+def sample_metadata(sample: dict) -> dict:
+    return json.loads(sample["json"])

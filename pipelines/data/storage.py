@@ -1,0 +1,212 @@
+"""Object-storage helpers: one place that knows local paths, file:// and s3:// URIs.
+
+S3 goes through boto3 (any endpoint: AWS_ENDPOINT_URL is honoured by botocore itself) with botocore's
+"standard" retry mode, so connection resets and 500/503 answers are retried there and not by hand.
+pyarrow's S3FileSystem ignores AWS_ENDPOINT_URL, so `pyarrow_filesystem` passes it explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+from urllib.parse import urlparse
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+
+class StorageError(RuntimeError):
+    """A storage location cannot be used; the message says which and what to check."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def local_path(uri: str) -> Path:
+    uri = str(uri)
+    return Path(urlparse(uri).path) if uri.startswith("file://") else Path(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(local_path(base).joinpath(*parts))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@functools.lru_cache(maxsize=4)
+def _client(endpoint: str | None, max_attempts: int):
+    config = botocore.config.Config(
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def s3_client(max_attempts: int = 8):
+    return _client(endpoint_url(), max_attempts)
+
+
+def _describe_endpoint() -> str:
+    return endpoint_url() or "the default AWS endpoint"
+
+
+def check_reachable(uri: str, *, create_bucket: bool = False) -> None:
+    """Fail fast, with a message a user can act on, when `uri` cannot be written to."""
+    if not is_s3(uri):
+        return
+    bucket, _ = split_s3(uri)
+    client = _client(endpoint_url(), 2)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.EndpointConnectionError as exc:
+        raise StorageError(
+            f"cannot reach the S3 endpoint {_describe_endpoint()} for {uri}: {exc}. "
+            "Check AWS_ENDPOINT_URL and that the server is running (`mvit stack status`)."
+        ) from None
+    except botocore.exceptions.NoCredentialsError:
+        raise StorageError(
+            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile)"
+        ) from None
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket") and create_bucket:
+            client.create_bucket(Bucket=bucket)
+            return
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"bucket '{bucket}' of {uri} does not exist at {_describe_endpoint()}; create it first") from None
+        raise StorageError(f"S3 refused access to bucket '{bucket}' of {uri}: {exc}") from None
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return local_path(uri).exists()
+
+
+def size(uri: str) -> int:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return local_path(uri).stat().st_size
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return local_path(uri).read_bytes()
+
+
+def open_read(uri: str) -> IO[bytes]:
+    """A streaming reader (S3 bodies are not buffered whole in memory)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(local_path(uri), "rb")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers see either nothing or the whole object under its final name."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)  # PUT is atomic on S3
+        return
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def upload_file(local: str | Path, uri: str) -> None:
+    """Copy a finished local file to its final name atomically (multipart uploads appear on completion)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().upload_file(str(local), bucket, key)
+        return
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, path)
+
+
+def download_file(uri: str, local: str | Path) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().download_file(bucket, key, str(local))
+    else:
+        shutil.copyfile(local_path(uri), local)
+
+
+def list_files(prefix: str) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every object under `prefix`, recursively, in a stable order."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                yield f"s3://{bucket}/{obj['Key']}", int(obj["Size"])
+        return
+    root = local_path(prefix)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            yield str(full), full.stat().st_size
+
+
+def delete_prefix(prefix: str) -> None:
+    if is_s3(prefix):
+        bucket, _ = split_s3(prefix)
+        keys = [split_s3(uri)[1] for uri, _ in list_files(prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch})
+    else:
+        shutil.rmtree(local_path(prefix), ignore_errors=True)
+
+
+def pyarrow_filesystem(uri: str):
+    """(filesystem, path) for Ray APIs that take a pyarrow filesystem (e.g. Ray Train storage)."""
+    import pyarrow.fs
+
+    if not is_s3(uri):
+        return None, str(local_path(uri).absolute())
+    endpoint = endpoint_url()
+    kwargs = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    fs = pyarrow.fs.S3FileSystem(**kwargs)
+    bucket, key = split_s3(uri)
+    return fs, f"{bucket}/{key}".rstrip("/")

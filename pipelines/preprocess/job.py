@@ -1,0 +1,325 @@
+"""The preprocessing job: annotations -> WebDataset shards + manifest.json + quarantine.jsonl.
+
+Plan on the driver, work in Ray Data tasks, commit on the driver:
+  1. list inputs (adapters), reject what is already known bad, give labels stable ids;
+  2. cut the sorted inputs of each split into *parts* (deterministic: same inputs -> same parts);
+  3. Ray Data maps each part to its shards: read -> decode (PyAV) -> resize -> re-encode -> tar;
+     a part's tars are uploaded under their final names only when complete, then a small
+     `_parts/<part>.json` record marks the part done (resume skips parts with a record);
+  4. quarantine.jsonl, then manifest.json last: a prefix without a manifest is incomplete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from pipelines.data import storage
+from pipelines.data.shards import MANIFEST, QUARANTINE, SHARD_DIR, DatasetError, Manifest, ShardInfo
+from pipelines.data.sources import Rejected, VideoRecord, hashed_split, load_records
+from pipelines.raycluster import RayConfig, ensure_ray
+
+PARTS_DIR = "_parts"
+
+
+@dataclass
+class PreprocessConfig:
+    source: str = MISSING  # a folder (<label>/<video>) or a path,label CSV; local or s3://
+    output: str = MISSING  # dataset prefix, local or s3://bucket/prefix
+    source_format: str = "auto"  # auto | folder | csv
+    source_root: str = ""  # where relative CSV paths point (default: the CSV's folder)
+    short_side: int = 320  # resize so the short side is this (never upscaled, see min_short_side)
+    min_short_side: int = 0  # videos smaller than this are upscaled to it (0: never upscale)
+    fps: float = 30.0  # re-encode at this frame rate (0: keep the source's)
+    crf: int = 23
+    gop: int = 16  # short GOP: cheap seeks when training samples clips
+    min_frames: int = 1  # fewer decoded frames than this -> quarantined
+    max_frames: int = 0  # keep at most this many frames per video (0: all)
+    val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
+    target_shard_bytes: int = 1_000_000_000
+    max_samples_per_shard: int = 0  # 0: limited by target_shard_bytes only
+    num_workers: int = 0  # concurrent Ray tasks (0: as many as Ray has CPUs)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        if self.short_side < 2:
+            raise ValueError(f"config key 'short_side' must be >= 2, got {self.short_side}")
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The fields that change what gets written (workers and Ray address do not)."""
+        data = dataclasses.asdict(self)
+        for name in ("num_workers", "ray", "output"):
+            data.pop(name)
+        return data
+
+
+@dataclass
+class Part:
+    part_id: str
+    split: str
+    records: list[VideoRecord]
+
+
+def _fingerprint(records: list[VideoRecord], cfg: PreprocessConfig) -> str:
+    payload = json.dumps(
+        {"records": [dataclasses.asdict(r) for r in records], "config": cfg.output_affecting()}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
+    """Cut each split's key-sorted records into parts of <= target_shard_bytes of source and
+    <= max_samples_per_shard samples."""
+    parts: list[Part] = []
+    for split in sorted({r.split for r in records}):
+        current: list[VideoRecord] = []
+        used = 0
+        for record in sorted((r for r in records if r.split == split), key=lambda r: r.key):
+            full_by_count = cfg.max_samples_per_shard and len(current) >= cfg.max_samples_per_shard
+            if current and (full_by_count or used + record.size > cfg.target_shard_bytes):
+                parts.append(Part(f"{split}-{len(parts):05d}", split, current))
+                current, used = [], 0
+            current.append(record)
+            used += record.size
+        if current:
+            parts.append(Part(f"{split}-{len(parts):05d}", split, current))
+    return parts
+
+
+def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:
+    """Runs in a Ray task: turn one part into finished shards (idempotent)."""
+    import webdataset as wds
+
+    from pipelines.data.video import VideoError, decode, encode_mp4, resample_fps
+
+    quarantine: list[dict] = []
+    shards: list[dict] = []
+    bytes_in = 0
+    with tempfile.TemporaryDirectory(prefix="mvit-part-") as tmp:
+        pattern = str(Path(tmp) / f"{part.part_id}-%02d.tar")
+        closed: list[tuple[str, int]] = []
+        counts: dict[str, int] = {}
+
+        def on_close(path: str) -> None:
+            closed.append((path, counts.pop(path, 0)))
+
+        # mtime=0 and fixed owner make the tar bytes (and sha256) a function of the samples alone.
+        writer = wds.ShardWriter(
+            pattern,
+            maxcount=cfg.max_samples_per_shard or 10**9,
+            maxsize=cfg.target_shard_bytes,
+            post=on_close,
+            verbose=0,
+            mtime=0,
+        )
+        for record in part.records:
+            try:
+                data = storage.read_bytes(record.source)
+                bytes_in += len(data)
+                video = decode(
+                    data,
+                    short_side=cfg.short_side,
+                    min_short_side=cfg.min_short_side,
+                    start_s=record.start_s,
+                    end_s=record.end_s,
+                    max_frames=0,
+                )
+                frames = resample_fps(video.frames, video.fps, cfg.fps)
+                if cfg.max_frames:
+                    frames = frames[: cfg.max_frames]
+                fps = cfg.fps or video.fps
+                if len(frames) < cfg.min_frames:
+                    raise VideoError("too few frames", f"{len(frames)} < min_frames={cfg.min_frames}")
+                media = encode_mp4(frames, fps, crf=cfg.crf, gop=cfg.gop)
+            except VideoError as exc:
+                quarantine.append({"source": record.source, "reason": exc.reason, "detail": exc.detail})
+                continue
+            except FileNotFoundError:
+                quarantine.append({"source": record.source, "reason": "missing file", "detail": ""})
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
+                quarantine.append({"source": record.source, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"})
+                continue
+            meta = {
+                "source": record.source,
+                "label": record.label,
+                "split": record.split,
+                "fps": fps,
+                "frames": int(len(frames)),
+                "height": int(frames.shape[1]),
+                "width": int(frames.shape[2]),
+                "source_fps": video.fps,
+                "source_width": video.source_width,
+                "source_height": video.source_height,
+                "start_s": record.start_s,
+                "end_s": record.end_s,
+            }
+            writer.write(
+                {
+                    "__key__": record.key,
+                    "mp4": media,
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                    "cls": str(label_map[record.label]).encode(),
+                }
+            )
+            counts[writer.fname] = counts.get(writer.fname, 0) + 1
+        writer.close()
+        for path, count in closed:
+            if count == 0:
+                continue
+            name = Path(path).name
+            data = Path(path).read_bytes()
+            url = f"{SHARD_DIR}/{name}"
+            storage.upload_file(path, storage.join(cfg.output, url))
+            shards.append(
+                {
+                    "url": url,
+                    "split": part.split,
+                    "num_samples": count,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+    result = {
+        "part_id": part.part_id,
+        "fingerprint": fingerprint,
+        "inputs": len(part.records),
+        "shards": shards,
+        "quarantine": quarantine,
+        "bytes_in": bytes_in,
+    }
+    # The record is the commit point of a part: written after every one of its tars is in place.
+    storage.write_bytes(storage.join(cfg.output, PARTS_DIR, f"{part.part_id}.json"), json.dumps(result).encode())
+    return result
+
+
+def _load_done(cfg: PreprocessConfig, parts: list[Part], fingerprint: str) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    for part in parts:
+        uri = storage.join(cfg.output, PARTS_DIR, f"{part.part_id}.json")
+        if not storage.exists(uri):
+            continue
+        record = json.loads(storage.read_bytes(uri))
+        if record.get("fingerprint") == fingerprint and all(
+            storage.exists(storage.join(cfg.output, s["url"])) for s in record["shards"]
+        ):
+            done[part.part_id] = record
+    return done
+
+
+class _Progress:
+    def __init__(self, total_parts: int, total_videos: int):
+        self.total_parts, self.total_videos = total_parts, total_videos
+        self.parts = self.videos = self.quarantined = self.bytes_out = 0
+        self.start = time.monotonic()
+
+    def update(self, result: dict) -> None:
+        self.parts += 1
+        self.videos += result["inputs"]
+        self.quarantined += len(result["quarantine"])
+        self.bytes_out += sum(s["bytes"] for s in result["shards"])
+        elapsed = time.monotonic() - self.start
+        rate = self.videos / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_videos - self.videos) / rate if rate else float("nan")
+        print(
+            f"[preprocess] parts {self.parts}/{self.total_parts}  videos {self.videos}/{self.total_videos}  "
+            f"{rate:.1f} videos/s  out {self.bytes_out / 1e6:.1f} MB  quarantined {self.quarantined}  ETA {eta:.0f}s",
+            flush=True,
+        )
+
+
+def run(cfg: PreprocessConfig) -> Manifest:
+    storage.check_reachable(cfg.output)
+    records, rejected = load_records(cfg.source, cfg.source_format, cfg.source_root or None)
+    inputs = len(records) + len(rejected)
+
+    unique: dict[str, VideoRecord] = {}
+    for record in records:
+        if record.key in unique:
+            rejected.append(Rejected(record.source, f"duplicate id (key {record.key} already used)"))
+        else:
+            unique[record.key] = record
+    records = [
+        dataclasses.replace(r, split=r.split or hashed_split(r.key, cfg.val_fraction)) for r in unique.values()
+    ]
+    label_map = {name: i for i, name in enumerate(sorted({r.label for r in records}))}
+    fingerprint = _fingerprint(records, cfg)
+
+    manifest_uri = storage.join(cfg.output, MANIFEST)
+    if storage.exists(manifest_uri):
+        existing = Manifest.from_json(storage.read_bytes(manifest_uri).decode(), where=manifest_uri)
+        if existing.input_fingerprint == fingerprint:
+            print(f"[preprocess] {cfg.output} is complete for these inputs and config; nothing to do", flush=True)
+            return existing
+        raise DatasetError(
+            f"{cfg.output} already holds a dataset made from other inputs or another config; "
+            "write to a new output prefix (nothing there was changed)"
+        )
+
+    parts = plan_parts(records, cfg)
+    done = _load_done(cfg, parts, fingerprint)
+    todo = [p for p in parts if p.part_id not in done]
+    print(
+        f"[preprocess] {inputs} inputs ({len(rejected)} rejected while listing), {len(label_map)} labels, "
+        f"{len(parts)} parts ({len(done)} already done)",
+        flush=True,
+    )
+    progress = _Progress(len(todo), sum(len(p.records) for p in todo))
+    results = list(done.values())
+    if todo:
+        import ray
+
+        ensure_ray(cfg.ray)
+        items = [{"part": p} for p in todo]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        mapped = dataset.map(
+            lambda row: {"result": process_part(row["part"], label_map, cfg, fingerprint)},
+            num_cpus=1,
+            concurrency=cfg.num_workers or None,
+        )
+        for row in mapped.iter_rows():
+            results.append(row["result"])
+            progress.update(row["result"])
+
+    results.sort(key=lambda r: r["part_id"])
+    shards = [ShardInfo(**s) for r in results for s in r["shards"]]
+    quarantine = [{"source": q.source, "reason": q.reason} for q in rejected]
+    quarantine += [q for r in results for q in r["quarantine"]]
+    quarantine.sort(key=lambda q: q["source"])
+    splits: dict[str, int] = {}
+    for shard in shards:
+        splits[shard.split] = splits.get(shard.split, 0) + shard.num_samples
+    manifest = Manifest(
+        num_samples=sum(s.num_samples for s in shards),
+        label_map=label_map,
+        shards=shards,
+        config=dataclasses.asdict(cfg),
+        input_fingerprint=fingerprint,
+        inputs=inputs,
+        quarantined=len(quarantine),
+        splits=splits,
+    )
+    if manifest.num_samples + manifest.quarantined != inputs:
+        raise RuntimeError(
+            f"accounting error: {manifest.num_samples} samples + {manifest.quarantined} quarantined != {inputs} inputs"
+        )
+    storage.write_bytes(
+        storage.join(cfg.output, QUARANTINE), "".join(json.dumps(q) + "\n" for q in quarantine).encode()
+    )
+    storage.write_bytes(manifest_uri, manifest.to_json().encode())
+    print(
+        f"[preprocess] wrote {len(shards)} shards, {manifest.num_samples} samples {splits}, "
+        f"{manifest.quarantined} quarantined -> {cfg.output}",
+        flush=True,
+    )
+    return manifest

@@ -1,0 +1,253 @@
+"""The per-worker training loop, readable top to bottom (Ray Train runs one copy per rank).
+
+Side effects (MLflow, checkpoints, artifacts) happen on rank 0 only. A restarted worker group picks
+up the latest checkpoint through `ray.train.get_checkpoint()` and continues at the next epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import mvit
+from pipelines.data import storage
+from pipelines.data.loader import eval_samples, rank_shards, train_loader
+from pipelines.data.shards import read_manifest
+from pipelines.train.config import TrainConfig
+from pipelines.train.tracking import MlflowTracker, NullTracker
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    overrides = {"input_size": (cfg.clip.num_frames, cfg.clip.crop_size, cfg.clip.crop_size)}
+    if cfg.drop_path_rate >= 0:
+        overrides["drop_path_rate"] = cfg.drop_path_rate
+    model = mvit.create_model(
+        cfg.model, num_classes=num_classes, checkpoint=cfg.init_checkpoint or None, **overrides
+    )
+    if cfg.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on 1-D parameters (norms, biases) and embeddings, as in the official recipe."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warmup then cosine decay to min_lr, stepped per iteration (torch schedulers)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total - 1, int(round(cfg.optim.warmup_epochs * steps_per_epoch)))
+    base_lr = optimizer.param_groups[0]["lr"]
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total - warmup), eta_min=min(cfg.optim.min_lr, base_lr)
+    )
+    if warmup <= 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=cfg.optim.warmup_start_factor, total_iters=warmup
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+@torch.no_grad()
+def evaluate_views(model, urls, cfg: TrainConfig, num_classes: int, device, views: int = 1):
+    """Video-level top-1/top-5: softmax averaged over `views` temporal clips per video.
+    Returns (correct1, correct5, total, confusion) summed over every rank."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    correct1 = correct5 = total = 0
+    batch: list[tuple[torch.Tensor, int]] = []
+
+    def flush():
+        nonlocal correct1, correct5, total
+        clips = torch.cat([c for c, _ in batch]).to(device)
+        labels = torch.tensor([y for _, y in batch])
+        with _autocast(cfg, device):
+            logits = model(clips).float()
+        probs = logits.softmax(-1).view(len(batch), views, -1).mean(1).cpu()
+        top = probs.topk(min(5, num_classes), dim=-1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(-1).sum())
+        total += len(batch)
+        for y, p in zip(labels.tolist(), top[:, 0].tolist()):
+            confusion[y, p] += 1
+        batch.clear()
+
+    for clips, label, _key in eval_samples(urls, cfg.clip, views):
+        batch.append((clips, label))
+        if len(batch) * views >= cfg.batch_size:
+            flush()
+    if batch:
+        flush()
+    counts = _all_reduce_sum(torch.tensor([correct1, correct5, total], dtype=torch.long))
+    confusion = _all_reduce_sum(confusion)
+    model.train()
+    return int(counts[0]), int(counts[1]), int(counts[2]), confusion.numpy()
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, step: int, cfg: TrainConfig,
+                    label_map: dict[str, int]) -> None:
+    """Our own checkpoint format: weights plus everything needed to rebuild and use the model."""
+    from dataclasses import asdict
+
+    module = getattr(model, "module", model)
+    torch.save(
+        {
+            "format": "mvit-train-v1",
+            "model": module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "model_name": cfg.model,
+            "config": asdict(module.cfg) if hasattr(module, "cfg") else {},
+            "train_config": asdict(cfg),
+            "label_map": label_map,
+        },
+        directory / CHECKPOINT_FILE,
+    )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = loop_config["cfg"]
+    run_id: str = loop_config["run_id"]
+    tracking_uri: str = loop_config["tracking_uri"]
+    run_dir: str = loop_config["run_dir"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, cfg.cpus_per_worker))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    device = ray.train.torch.get_device()
+
+    manifest = read_manifest(cfg.dataset)
+    num_classes = len(manifest.label_map)
+    train_urls = rank_shards(manifest.shard_urls(cfg.dataset, "train"), rank, world)
+    val_urls = rank_shards(manifest.shard_urls(cfg.dataset, "val"), rank, world)
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = max(1, manifest.split_samples("train") // global_batch)
+
+    model = ray.train.torch.prepare_model(build_model(cfg, num_classes))
+    lr = cfg.optim.lr * global_batch / cfg.optim.lr_batch
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(0.9, 0.999))
+    scheduler = build_schedule(optimizer, cfg, steps_per_epoch)
+    start_epoch, step = 0, 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        getattr(model, "module", model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        print(f"[train rank {rank}] resumed from epoch {state['epoch']} (step {step})", flush=True)
+
+    tracker = MlflowTracker(tracking_uri, run_id) if rank == 0 else NullTracker()
+    seen_keys: set[str] = set()
+    for epoch in range(start_epoch, cfg.epochs):
+        loader = train_loader(
+            train_urls, cfg.clip, cfg.batch_size, steps_per_epoch,
+            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed * 100_003 + epoch * 1009 + rank,
+            loader_workers=cfg.loader_workers,
+        )
+        model.train()
+        epoch_loss, epoch_steps = 0.0, 0
+        window_start, window_clips = time.perf_counter(), 0
+        for clips, labels, keys in loader:
+            clips, labels = clips.to(device), labels.to(device)
+            with _autocast(cfg, device):
+                logits = model(clips)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            epoch_loss += float(loss)
+            epoch_steps += 1
+            window_clips += len(keys) * world
+            if cfg.audit_sample_keys:
+                seen_keys.update(keys)
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch} step {step}")
+            if step % cfg.log_every_steps == 0:
+                elapsed = time.perf_counter() - window_start
+                tracker.log_metrics(
+                    {"train/loss": float(loss), "train/lr": scheduler.get_last_lr()[0],
+                     "train/clips_per_s": window_clips / elapsed if elapsed > 0 else 0.0},
+                    step,
+                )
+                window_start, window_clips = time.perf_counter(), 0
+
+        correct1, correct5, total, confusion = evaluate_views(model, val_urls, cfg, num_classes, device)
+        train_loss = float(_all_reduce_sum(torch.tensor([epoch_loss / max(1, epoch_steps)])) / world)
+        metrics = {"epoch": epoch, "train/epoch_loss": train_loss}
+        if total:
+            metrics.update({"val/top1": correct1 / total, "val/top5": correct5 / total})
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        if rank == 0:
+            print(f"[train] epoch {epoch}: {json.dumps(metrics)}", flush=True)
+
+        if cfg.audit_sample_keys:
+            audit = {"rank": rank, "world": world, "keys": sorted(seen_keys), "shards": train_urls}
+            storage.write_bytes(storage.join(run_dir, "data_audit", f"rank-{rank}.json"), json.dumps(audit).encode())
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch, step, cfg, manifest.label_map)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            else:
+                ckpt = None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    if rank == 0 and isinstance(tracker, MlflowTracker):
+        _log_final_artifacts(tracker, manifest.labels, confusion if cfg.epochs > start_epoch else None)
+
+
+def _log_final_artifacts(tracker: MlflowTracker, labels: list[str], confusion: np.ndarray | None) -> None:
+    from pipelines.train import plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        series = {k: tracker.history(k) for k in ("train/loss", "train/lr", "val/top1")}
+        curves = os.path.join(tmp, "curves.png")
+        plots.curves(series, curves)
+        tracker.log_artifact(curves, "plots")
+        if confusion is not None:
+            path = os.path.join(tmp, "confusion_matrix_val.png")
+            plots.confusion_matrix(confusion, labels, path)
+            tracker.log_artifact(path, "plots")

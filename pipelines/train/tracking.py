@@ -1,0 +1,136 @@
+"""MLflow tracking behind a small protocol: the driver opens (or re-opens) the run, rank 0 logs to it.
+
+One MLflow run per job: its id is stored next to the checkpoints (`<run dir>/mlflow_run_id`), so a
+restarted worker group, or a rerun of the same command, keeps logging into the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+
+from pipelines.config import flatten, to_yaml
+from pipelines.data import storage
+
+DEFAULT_LOCAL_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_uri(configured: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_LOCAL_URI
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """MLflow's client retries an unreachable server for minutes; fail in seconds instead."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingError(
+        f"the MLflow tracking server at {uri} does not answer ({problem}); start one (`mvit stack up`) "
+        "or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to a server that runs"
+    )
+
+
+def client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def open_run(cfg, manifest, run_dir: str) -> str:
+    """Create the job's run, or return the one an earlier attempt of the same job created."""
+    import mlflow
+
+    uri = resolve_uri(cfg.mlflow.tracking_uri)
+    check_server(uri)
+    mlflow_client = client(uri)
+    id_uri = storage.join(run_dir, "mlflow_run_id")
+    if storage.exists(id_uri):
+        run_id = storage.read_bytes(id_uri).decode().strip()
+        try:
+            mlflow_client.get_run(run_id)
+            mlflow_client.set_terminated(run_id, status="RUNNING")
+            print(f"[train] resuming MLflow run {run_id}", flush=True)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            print(f"[train] MLflow run {run_id} from {id_uri} is gone; starting a new run", flush=True)
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    run = mlflow_client.create_run(
+        experiment.experiment_id,
+        run_name=cfg.resolved_run_name(),
+        tags={"mvit.stage": "train", "mvit.dataset": cfg.dataset, "mvit.dataset_digest": manifest.digest()},
+    )
+    run_id = run.info.run_id
+    params = flatten(cfg)
+    keys = sorted(params)
+    for start in range(0, len(keys), 100):  # log_batch takes at most 100 params per call
+        chunk = keys[start : start + 100]
+        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, params[k][:6000]) for k in chunk])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train_config.yaml"
+        path.write_text(to_yaml(cfg))
+        mlflow_client.log_artifact(run_id, str(path), artifact_path="config")
+    _log_dataset(run_id, cfg.dataset, manifest)
+    storage.write_bytes(id_uri, run_id.encode())
+    return run_id
+
+
+def _log_dataset(run_id: str, prefix: str, manifest) -> None:
+    import mlflow
+    import pandas as pd
+
+    table = pd.DataFrame([vars(s) for s in manifest.shards])
+    dataset = mlflow.data.from_pandas(table, source=prefix, name=f"shards-{manifest.digest()}")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(dataset, context="training", tags={"manifest_digest": manifest.digest()})
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """What ranks other than 0 get: side effects happen on rank 0 only."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+
+class MlflowTracker:
+    def __init__(self, uri: str, run_id: str):
+        self.client = client(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path=artifact_path)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
