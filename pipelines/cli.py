@@ -38,7 +38,7 @@ def _stage(sub, name: str, help_text: str, config_cls_path: str, runner: Callabl
     def run(ns) -> int:
         module_name, cls_name = config_cls_path.rsplit(":", 1)
         module = __import__(module_name, fromlist=[cls_name])
-        cfg = load_config(getattr(module, cls_name), *split_config_args(ns.args))
+        cfg = load_config(getattr(module, cls_name), *split_config_args(ns.args), section=name)
         print_effective(name, cfg)
         if ns.print_config:
             return 0

@@ -47,8 +47,12 @@ def _explain(exc: OmegaConfBaseException, cls: type, origin: str) -> ConfigError
     return ConfigError(f"{origin}: invalid config at '{key}': {str(exc).splitlines()[0]}")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides."""
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *, section: str | None = None
+) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides.
+    One file can hold every stage's config under stage-named sections: when the file has a top-level
+    `section` key, only that mapping is read."""
     merged = OmegaConf.structured(cls)
     if path is not None:
         path = Path(path)
@@ -60,10 +64,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+        if section is not None and section in data:
+            data = data[section] or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping of config keys")
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
-            raise _explain(exc, cls, str(path)) from None
+            raise _explain(exc, cls, f"{path}" + (f" [{section}]" if section else "")) from None
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -77,6 +85,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if callable(validate):
         validate()
     return obj  # type: ignore[return-value]
+
+
+def from_dict(cls: type[T], data: dict[str, Any], origin: str = "stored config") -> T:
+    """Rebuild a typed config from a plain dict (e.g. one saved in a checkpoint), with the same checks."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, cls, origin) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

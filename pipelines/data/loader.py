@@ -11,14 +11,12 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
-from torchvision.transforms import v2
 
 from pipelines.data import storage
+from pipelines.data.clips import eval_views, train_clip, train_transform
 from pipelines.data.shards import MEDIA_KEY, sample_metadata
-from pipelines.data.video import clip_indices, clip_starts, decode
 from pipelines.train.config import ClipConfig
 
 
@@ -35,46 +33,9 @@ def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
     return urls[rank::world]
 
 
-def _to_model_input(frames: np.ndarray, transform, clip: ClipConfig) -> torch.Tensor:
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
-    video = transform(video)
-    video = video.float().div_(255).sub_(clip.mean).div_(clip.std)
-    return video.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
-
-
-def train_transform(clip: ClipConfig):
-    crop = (
-        v2.RandomResizedCrop(clip.crop_size, scale=(clip.min_crop_scale, 1.0), antialias=True)
-        if clip.train_crop == "random_resized"
-        else v2.RandomCrop(clip.crop_size, pad_if_needed=True)
-    )
-    steps = [crop] + ([v2.RandomHorizontalFlip()] if clip.horizontal_flip else [])
-    return v2.Compose(steps)
-
-
-def eval_transform(clip: ClipConfig):
-    return v2.Compose([v2.Resize(clip.crop_size, antialias=True), v2.CenterCrop(clip.crop_size)])
-
-
-def decode_train_clip(sample: dict, clip: ClipConfig, transform, rng: random.Random):
-    span = (clip.num_frames - 1) * clip.sampling_rate + 1
-    meta = sample_metadata(sample)
-    room = max(0, int(meta.get("frames", span)) - span)
-    start = rng.randint(0, room)
-    frames = decode(sample[MEDIA_KEY], max_frames=start + span).frames
-    index = clip_indices(len(frames), clip.num_frames, clip.sampling_rate, start)
-    return _to_model_input(frames[index], transform, clip), int(sample["cls"]), sample["__key__"]
-
-
-def decode_eval_views(sample: dict, clip: ClipConfig, views: int) -> tuple[torch.Tensor, int, str]:
-    """All temporal views of one video: (views, C, T, H, W)."""
-    frames = decode(sample[MEDIA_KEY]).frames
-    transform = eval_transform(clip)
-    clips = [
-        _to_model_input(frames[clip_indices(len(frames), clip.num_frames, clip.sampling_rate, s)], transform, clip)
-        for s in clip_starts(len(frames), clip.num_frames, clip.sampling_rate, views)
-    ]
-    return torch.stack(clips), int(sample["cls"]), sample["__key__"]
+def _decode_train(sample: dict, clip: ClipConfig, transform, rng: random.Random):
+    frames = int(sample_metadata(sample).get("frames", 0))
+    return train_clip(sample[MEDIA_KEY], frames, clip, transform, rng), int(sample["cls"]), sample["__key__"]
 
 
 def _collate(batch):
@@ -91,7 +52,7 @@ def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_e
     dataset = (
         wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed, empty_check=False)
         .shuffle(shuffle_buffer, rng=random.Random(seed + 1))
-        .map(lambda s: decode_train_clip(s, clip, transform, rng))
+        .map(lambda s: _decode_train(s, clip, transform, rng))
         .batched(batch_size, collation_fn=_collate, partial=False)
         .with_epoch(steps_per_epoch)
     )
@@ -103,4 +64,4 @@ def eval_samples(urls: list[str], clip: ClipConfig, views: int) -> Iterator[tupl
     if not urls:
         return iter(())
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
-    return (decode_eval_views(s, clip, views) for s in dataset)
+    return ((eval_views(s[MEDIA_KEY], clip, views), int(s["cls"]), s["__key__"]) for s in dataset)

@@ -41,7 +41,7 @@ def render_video(label: int, rng: np.random.Generator, spec: SyntheticSpec) -> n
     """(T, H, W, 3) uint8 frames of one sample of class `label`."""
     size, frames = spec.size, spec.frames
     angle = (label % 8) * math.pi / 4
-    speed = (2.0 + 1.5 * (label // 8)) * size / 64  # pixels per frame
+    speed = (3.0 + 2.0 * (label // 8)) * size / 64  # pixels per frame
     velocity = np.array([math.sin(angle), math.cos(angle)]) * speed  # (dy, dx)
     background = rng.integers(0, 120, size=3)
     colour = rng.integers(130, 256, size=3)

@@ -157,4 +157,4 @@ def clip_starts(num_frames_in_video: int, num_frames: int, sampling_rate: int, v
     room = max(0, num_frames_in_video - span)
     if views == 1:
         return [room // 2]
-    return [int(round(room * i / (views - 1))) for i in range(views)]
+    return [room * i // (views - 1) for i in range(views)]

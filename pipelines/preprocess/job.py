@@ -77,14 +77,20 @@ def _fingerprint(records: list[VideoRecord], cfg: PreprocessConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _mix_order(record: VideoRecord) -> str:
+    # Annotation files are usually grouped by label; ordering by a hash of the key instead spreads every
+    # label over every shard, so a shard-level shuffle buffer already sees mixed labels.
+    return hashlib.sha1(record.key.encode()).hexdigest()
+
+
 def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
-    """Cut each split's key-sorted records into parts of <= target_shard_bytes of source and
+    """Cut each split's records (in hash-of-key order) into parts of <= target_shard_bytes of source and
     <= max_samples_per_shard samples."""
     parts: list[Part] = []
     for split in sorted({r.split for r in records}):
         current: list[VideoRecord] = []
         used = 0
-        for record in sorted((r for r in records if r.split == split), key=lambda r: r.key):
+        for record in sorted((r for r in records if r.split == split), key=_mix_order):
             full_by_count = cfg.max_samples_per_shard and len(current) >= cfg.max_samples_per_shard
             if current and (full_by_count or used + record.size > cfg.target_shard_bytes):
                 parts.append(Part(f"{split}-{len(parts):05d}", split, current))

@@ -18,6 +18,7 @@ class ClipConfig:
     num_frames: int = 16
     sampling_rate: int = 4  # source frames between two sampled frames (tau)
     crop_size: int = 224
+    test_short_side: int = 256  # evaluation/inference: resize the short side to this, then centre-crop
     train_crop: str = "random_resized"  # random_resized | random
     min_crop_scale: float = 0.08  # random_resized only
     horizontal_flip: bool = True  # off for direction-sensitive data (SSv2, the synthetic set)
@@ -41,6 +42,7 @@ class OptimConfig:
 class MlflowConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else a local ./mlflow.db store
     experiment: str = "mvit"
+    artifact_location: str = ""  # for a new experiment only ("" = the server's default)
 
 
 @dataclass

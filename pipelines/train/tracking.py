@@ -54,6 +54,13 @@ def client(uri: str):
     return mlflow.MlflowClient(uri)
 
 
+def ensure_experiment(mlflow_client, mlflow_cfg) -> str:
+    found = mlflow_client.get_experiment_by_name(mlflow_cfg.experiment)
+    if found is not None:
+        return found.experiment_id
+    return mlflow_client.create_experiment(mlflow_cfg.experiment, artifact_location=mlflow_cfg.artifact_location or None)
+
+
 def open_run(cfg, manifest, run_dir: str) -> str:
     """Create the job's run, or return the one an earlier attempt of the same job created."""
     import mlflow
@@ -71,9 +78,9 @@ def open_run(cfg, manifest, run_dir: str) -> str:
             return run_id
         except mlflow.exceptions.MlflowException:
             print(f"[train] MLflow run {run_id} from {id_uri} is gone; starting a new run", flush=True)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    experiment_id = ensure_experiment(mlflow_client, cfg.mlflow)
     run = mlflow_client.create_run(
-        experiment.experiment_id,
+        experiment_id,
         run_name=cfg.resolved_run_name(),
         tags={"mvit.stage": "train", "mvit.dataset": cfg.dataset, "mvit.dataset_digest": manifest.digest()},
     )
@@ -87,19 +94,21 @@ def open_run(cfg, manifest, run_dir: str) -> str:
         path = Path(tmp) / "train_config.yaml"
         path.write_text(to_yaml(cfg))
         mlflow_client.log_artifact(run_id, str(path), artifact_path="config")
-    _log_dataset(run_id, cfg.dataset, manifest)
+    _log_dataset(mlflow_client, run_id, cfg.dataset, manifest)
     storage.write_bytes(id_uri, run_id.encode())
     return run_id
 
 
-def _log_dataset(run_id: str, prefix: str, manifest) -> None:
+def _log_dataset(mlflow_client, run_id: str, prefix: str, manifest) -> None:
+    """Dataset lineage: the shard table (url, split, counts, sha256) as the run's training input."""
     import mlflow
     import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
 
-    table = pd.DataFrame([vars(s) for s in manifest.shards])
+    table = pd.DataFrame([vars(s) for s in manifest.shards]).astype({"num_samples": "float64", "bytes": "float64"})
     dataset = mlflow.data.from_pandas(table, source=prefix, name=f"shards-{manifest.digest()}")
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context="training", tags={"manifest_digest": manifest.digest()})
+    tags = [InputTag("mlflow.data.context", "training"), InputTag("manifest_digest", manifest.digest())]
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
 
 class Tracker(Protocol):

@@ -1,0 +1,38 @@
+# `make demo` and `make test` work from a fresh clone: they create .venv and install the pinned set
+# (constraints.txt) once; the stamp file is rebuilt only when pyproject.toml or constraints.txt change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-unit test-integration bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf demo-out
+	$(VENV)/bin/mvit demo --workdir demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -ra tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -ra tests/integration
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf demo-out bench-out .state .pytest_cache

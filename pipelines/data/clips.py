@@ -1,0 +1,57 @@
+"""Video bytes -> normalised model input (C, T, H, W): shared by training, evaluation and serving.
+
+Pure functions over bytes (no WebDataset, no Ray), so the MLflow pyfunc model can use them too.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from pipelines.data.video import clip_indices, clip_starts, decode
+from pipelines.train.config import ClipConfig
+
+
+def to_model_input(frames: np.ndarray, transform, clip: ClipConfig) -> torch.Tensor:
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
+    video = transform(video)
+    video = video.float().div_(255).sub_(clip.mean).div_(clip.std)
+    return video.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
+
+
+def train_transform(clip: ClipConfig):
+    crop = (
+        v2.RandomResizedCrop(clip.crop_size, scale=(clip.min_crop_scale, 1.0), antialias=True)
+        if clip.train_crop == "random_resized"
+        else v2.RandomCrop(clip.crop_size, pad_if_needed=True)
+    )
+    steps = [crop] + ([v2.RandomHorizontalFlip()] if clip.horizontal_flip else [])
+    return v2.Compose(steps)
+
+
+def eval_transform(clip: ClipConfig):
+    """Test-time single crop: short side to `test_short_side`, then the centre crop (official: 256 -> 224)."""
+    return v2.Compose([v2.Resize(max(clip.test_short_side, clip.crop_size), antialias=True), v2.CenterCrop(clip.crop_size)])
+
+
+def train_clip(data: bytes, frames_in_video: int, clip: ClipConfig, transform, rng: random.Random) -> torch.Tensor:
+    """One random temporal window; decoding stops as soon as the window is complete."""
+    span = (clip.num_frames - 1) * clip.sampling_rate + 1
+    start = rng.randint(0, max(0, frames_in_video - span))
+    frames = decode(data, max_frames=start + span).frames
+    return to_model_input(frames[clip_indices(len(frames), clip.num_frames, clip.sampling_rate, start)], transform, clip)
+
+
+def eval_views(data: bytes, clip: ClipConfig, views: int) -> torch.Tensor:
+    """`views` evenly spaced temporal clips of one video: (views, C, T, H, W)."""
+    frames = decode(data).frames
+    transform = eval_transform(clip)
+    return torch.stack(
+        [
+            to_model_input(frames[clip_indices(len(frames), clip.num_frames, clip.sampling_rate, s)], transform, clip)
+            for s in clip_starts(len(frames), clip.num_frames, clip.sampling_rate, views)
+        ]
+    )

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipelines.data.sources import folder_per_class, path_label_csv, sample_key
+from pipelines.data.synthetic import SyntheticSpec, generate, render_video
+from pipelines.data.video import VideoError, clip_indices, clip_starts, decode, encode_mp4, target_size
+from pipelines.preprocess.job import PreprocessConfig, plan_parts
+from pipelines.data.sources import VideoRecord
+
+
+def test_synthetic_set_is_deterministic_and_real_h264(tmp_path):
+    spec = SyntheticSpec(classes=3, videos_per_class=2, frames=8, size=32, seed=4)
+    csv_a = generate(tmp_path / "a", spec)
+    generate(tmp_path / "b", spec)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.mp4"))
+    assert len(files) == 6
+    for rel in files:
+        assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).digest() == hashlib.sha256((tmp_path / "b" / rel).read_bytes()).digest()
+    video = decode((tmp_path / "a" / files[0]).read_bytes())
+    assert video.frames.shape == (8, 32, 32, 3) and abs(video.fps - 15) < 1e-6
+    assert csv_a.read_text().splitlines()[0] == "path,label"
+
+
+def test_synthetic_label_is_not_visible_in_one_frame():
+    spec = SyntheticSpec(frames=8, size=32)
+    # Same random draws, different classes: frame 0 is identical, later frames differ.
+    a = render_video(0, np.random.default_rng(7), spec)
+    b = render_video(4, np.random.default_rng(7), spec)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[-1], b[-1])
+
+
+def test_encode_decode_roundtrip_and_resize():
+    frames = np.random.default_rng(0).integers(0, 255, (6, 48, 80, 3), dtype=np.uint8)
+    data = encode_mp4(frames, 10)
+    assert encode_mp4(frames, 10) == data  # deterministic bytes -> reproducible shard sha256
+    video = decode(data, short_side=24)
+    assert video.frames.shape == (6, 24, 40, 3) and (video.source_width, video.source_height) == (80, 48)
+
+
+def test_target_size_never_upscales_past_minimum():
+    assert target_size(640, 480, 320, 0) == (426, 320)
+    assert target_size(100, 60, 320, 0) == (100, 60)
+    assert target_size(100, 60, 320, 120) == (200, 120)
+    assert target_size(3, 2, 320, 0) == (4, 2)
+
+
+@pytest.mark.parametrize("payload, reason", [(b"", "empty file"), (b"\x00garbage" * 50, "undecodable")])
+def test_bad_bytes_raise_video_error(payload, reason):
+    with pytest.raises(VideoError) as info:
+        decode(payload)
+    assert info.value.reason == reason
+
+
+def test_clip_sampling():
+    assert clip_indices(10, 4, 2, 0).tolist() == [0, 2, 4, 6]
+    assert clip_indices(5, 4, 2, 0).tolist() == [0, 2, 4, 4]  # short videos repeat their last frame
+    assert clip_starts(100, 8, 4, 1) == [35]
+    assert clip_starts(100, 8, 4, 3) == [0, 35, 71]
+
+
+def test_sample_keys_are_safe_and_distinct():
+    a, b = sample_key("dir one/vidéo.v2.mp4"), sample_key("dir_one/vid_o_v2.mp4")
+    for key in (a, b):
+        assert all(c.isalnum() or c in "-_" for c in key) and "." not in key
+    assert a != b
+
+
+def test_csv_adapter_rejects_missing_and_outside_rows(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.mp4").write_bytes(b"x")
+    (tmp_path / "labels.csv").write_text("path,label\ncat/a.mp4,cat\ncat/missing.mp4,cat\n../etc/passwd,cat\n")
+    records, rejected = path_label_csv(str(tmp_path / "labels.csv"))
+    assert [r.label for r in records] == ["cat"]
+    reasons = sorted(r.reason.split(" (")[0] for r in rejected)
+    assert reasons == ["missing file", "path points outside the source root " + str(tmp_path)]
+
+
+def test_folder_adapter_reads_labels_from_folders(tmp_path):
+    for label in ("dog", "cat"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "v.mp4").write_bytes(b"x")
+    (tmp_path / "stray.mp4").write_bytes(b"x")
+    records, rejected = folder_per_class(str(tmp_path))
+    assert sorted(r.label for r in records) == ["cat", "dog"]
+    assert len(rejected) == 1 and rejected[0].source.endswith("stray.mp4")
+
+
+def test_parts_are_deterministic_and_bounded():
+    records = [VideoRecord(f"k{i:03d}", f"/v/{i}", "a", "train" if i % 4 else "val", size=100) for i in range(40)]
+    cfg = PreprocessConfig(source="s", output="o", target_shard_bytes=1000, max_samples_per_shard=8)
+    parts = plan_parts(list(reversed(records)), cfg)
+    assert parts == plan_parts(records, cfg)
+    assert all(len(p.records) <= 8 and sum(r.size for r in p.records) <= 1000 for p in parts)
+    assert sum(len(p.records) for p in parts) == 40
+    assert {p.split for p in parts} == {"train", "val"} and all({r.split for r in p.records} == {p.split} for p in parts)
