@@ -117,6 +117,16 @@ def _demo(ns) -> int:
     return 0
 
 
+PLUGIN_COMMANDS = (
+    "pipelines.commands.flops",
+    "pipelines.commands.convert",
+    "pipelines.commands.shards",
+    "pipelines.commands.submit",
+    "pipelines.commands.jobs",
+    "pipelines.commands.workflow",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvit", description="MViT video training system")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="a smaller set and fewer epochs (smoke test)")
     demo.set_defaults(func=_demo)
 
-    for module in ("pipelines.commands.flops", "pipelines.commands.convert"):
+    # Subcommands that live in their own modules: each has add_parser(subparsers) setting `func`.
+    for module in PLUGIN_COMMANDS:
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
         except ModuleNotFoundError as exc:

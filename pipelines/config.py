@@ -24,6 +24,8 @@ from omegaconf.errors import (
 
 T = TypeVar("T")
 
+STAGE_SECTIONS = frozenset({"preprocess", "train", "evaluate", "register", "workflow"})
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and what to do."""
@@ -51,8 +53,8 @@ def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *, section: str | None = None
 ) -> T:
     """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides.
-    One file can hold every stage's config under stage-named sections: when the file has a top-level
-    `section` key, only that mapping is read."""
+    One file can hold every stage's config under stage-named sections (STAGE_SECTIONS): when it does,
+    only the `section` mapping is read (a stage without a section gets its defaults)."""
     merged = OmegaConf.structured(cls)
     if path is not None:
         path = Path(path)
@@ -64,8 +66,8 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
-        if section is not None and section in data:
-            data = data[section] or {}
+        if section is not None and set(data) & STAGE_SECTIONS:
+            data = data.get(section) or {}
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: section '{section}' must be a mapping of config keys")
         try:

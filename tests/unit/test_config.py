@@ -75,3 +75,10 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: mvit " + command in capsys.readouterr().out
+
+
+def test_a_stage_without_its_section_gets_defaults(tmp_path):
+    path = tmp_path / "all.yaml"
+    path.write_text("train:\n  epochs: 7\n")
+    cfg = load_config(PreprocessConfig, path, ["source=a", "output=b"], section="preprocess")
+    assert cfg.short_side == PreprocessConfig(source="a", output="b").short_side
