@@ -31,12 +31,29 @@ def test_unreachable_s3_endpoint(capsys, tmp_path, monkeypatch):
     storage._client.cache_clear()
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     started = time.monotonic()
     code, err = _run(capsys, "preprocess", f"source={tmp_path}", "output=s3://mvit/unreachable")
     storage._client.cache_clear()
     assert code == 1
     assert dead in err and "AWS_ENDPOINT_URL" in err
     assert time.monotonic() - started < 30
+
+
+def test_s3_without_credentials(capsys, tmp_path, monkeypatch):
+    from pipelines.data import storage
+
+    storage._client.cache_clear()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code, err = _run(capsys, "preprocess", f"source={tmp_path}", "output=s3://mvit/nocreds")
+    storage._client.cache_clear()
+    assert code == 1
+    assert "no S3 credentials" in err and "AWS_ACCESS_KEY_ID" in err
 
 
 def test_mlflow_uri_that_does_not_answer(capsys, services, ray_session, tmp_path):
