@@ -31,8 +31,8 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -q -ra tests/integration
 
-bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+bench: $(STAMP)  ## BENCH=model runs one benchmark only
+	$(PY) benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf demo-out bench-out .state .pytest_cache
