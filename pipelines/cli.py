@@ -124,6 +124,7 @@ PLUGIN_COMMANDS = (
     "pipelines.commands.submit",
     "pipelines.commands.jobs",
     "pipelines.commands.workflow",
+    "pipelines.commands.predict",
 )
 
 

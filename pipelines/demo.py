@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
+from pipelines.commands.predict import predict
 from pipelines.config import load_config, print_effective
 from pipelines.data.synthetic import SyntheticSpec, generate
 from pipelines.evaluate.job import EvaluateConfig
@@ -54,6 +56,15 @@ def run_demo(workdir: Path, fast: bool = False) -> dict:
                           section="register")
     registered = register(reg_cfg)
 
+    # Videos the model never saw (another seed): the registered model, loaded back from the registry the
+    # way a user would, must name their classes.
+    heldout = generate(workdir / "heldout", SyntheticSpec(classes=spec.classes, videos_per_class=2, seed=1000))
+    with heldout.open(newline="") as handle:
+        truth = {str(heldout.parent / row["path"]): row["label"] for row in csv.DictReader(handle)}
+    predictions = predict(registered["alias_uri"], sorted(truth), tracking_uri)
+    heldout_correct = sum(p["label"] == truth[p["video"]] for p in predictions)
+    print(f"[demo] {registered['alias_uri']} named {heldout_correct}/{len(truth)} held-out videos correctly", flush=True)
+
     print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
           "  then open http://127.0.0.1:5000", flush=True)
     return {
@@ -65,5 +76,7 @@ def run_demo(workdir: Path, fast: bool = False) -> dict:
         "model_uri": registered["model_uri"],
         "champion_uri": registered["alias_uri"],
         "tracking_uri": tracking_uri,
+        "heldout_correct": heldout_correct,
+        "heldout_videos": len(truth),
         "seconds": round(time.monotonic() - started, 1),
     }

@@ -26,8 +26,18 @@ class RayConfig:
     num_cpus: int = 0  # embedded Ray only; 0 = every core of this machine
 
 
+# Ray Train V2 reroutes print() in workers through its logger *and* the original stream, so every line of
+# the training loop would reach the driver twice; plain prints are already streamed by log_to_driver.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def runtime_env() -> dict:
+    """The runtime env every job of ours runs with: storage/tracking settings of the driver, no secrets logged."""
+    return {"env_vars": {**WORKER_ENV, **forwarded_env()}}
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -38,8 +48,12 @@ def ensure_ray(cfg: RayConfig) -> None:
     # A local embedded instance needs no token; a real cluster keeps whatever auth it was set up with.
     if not cfg.address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs = {"runtime_env": {"env_vars": forwarded_env()}, "log_to_driver": True}
+    kwargs = {"runtime_env": runtime_env(), "log_to_driver": True}
     if cfg.address:
         ray.init(address=cfg.address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, **kwargs)
+        return
+    # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls: without
+    # it the driver log fills with "Failed to query Ray Train Controller actor state" warnings.
+    context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, **kwargs)
+    if context.dashboard_url:
+        print(f"[ray] embedded Ray started; dashboard at http://{context.dashboard_url}", flush=True)

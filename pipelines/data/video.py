@@ -26,21 +26,12 @@ class VideoError(ValueError):
 
 @dataclass
 class DecodedVideo:
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
-    fps: float
-    source_width: int
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, upright (display rotation applied)
+    times: np.ndarray  # (T,) presentation time of each frame in seconds (variable frame rate kept)
+    fps: float  # the stream's average rate (nominal; `times` is the truth for VFR sources)
+    source_width: int  # as displayed (after rotation)
     source_height: int
-    rotation: int
-
-
-def _rotation_of(stream) -> int:
-    # Phones store portrait video as landscape + a display-matrix side datum; honour it so the stored
-    # frames look the way a player shows them.
-    rotate = (stream.metadata or {}).get("rotate")
-    try:
-        return int(rotate) % 360 if rotate is not None else 0
-    except ValueError:
-        return 0
+    rotation: int  # counter-clockwise degrees of the source's display matrix (0, 90, 180, 270)
 
 
 def target_size(width: int, height: int, short_side: int, min_short_side: int) -> tuple[int, int]:
@@ -63,7 +54,12 @@ def decode(
     end_s: float | None = None,
     max_frames: int = 0,
 ) -> DecodedVideo:
-    """Decode every frame (optionally only [start_s, end_s)), resized with swscale on the way."""
+    """Decode every frame (optionally only [start_s, end_s)), resized with swscale on the way.
+
+    Phones store portrait video as landscape frames plus a display matrix; FFmpeg reports it per frame
+    (`VideoFrame.rotation`, counter-clockwise degrees) and the frames are turned upright here, so stored
+    samples look the way a player shows them.
+    """
     if not data:
         raise VideoError("empty file")
     try:
@@ -77,10 +73,10 @@ def decode(
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or Fraction(30)
         fps = float(rate)
-        rotation = _rotation_of(stream)
         frames: list[np.ndarray] = []
-        size: tuple[int, int] | None = None
-        src_w = src_h = 0
+        times: list[float] = []
+        size: tuple[int, int] | None = None  # decoded (pre-rotation) width, height
+        src_w = src_h = rotation = 0
         try:
             for frame in container.decode(stream):
                 t = frame.time if frame.time is not None else len(frames) / fps
@@ -89,19 +85,18 @@ def decode(
                 if end_s is not None and t >= end_s:
                     break
                 if size is None:
-                    src_w, src_h = frame.width, frame.height
-                    if rotation in (90, 270):
-                        src_w, src_h = src_h, src_w
-                    size = (
-                        target_size(src_w, src_h, short_side, min_short_side) if short_side else (src_w, src_h)
-                    )
-                out_w, out_h = size
-                if rotation in (90, 270):
-                    out_w, out_h = out_h, out_w
-                array = frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
+                    rotation = int(frame.rotation or 0) % 360
+                    if rotation % 90:
+                        raise VideoError("unsupported rotation", f"display matrix rotates by {rotation} degrees")
+                    turned = rotation in (90, 270)
+                    src_w, src_h = (frame.height, frame.width) if turned else (frame.width, frame.height)
+                    out_w, out_h = target_size(src_w, src_h, short_side, min_short_side) if short_side else (src_w, src_h)
+                    size = (out_h, out_w) if turned else (out_w, out_h)
+                array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
                 if rotation:
-                    array = np.ascontiguousarray(np.rot90(array, k=-rotation // 90))
+                    array = np.ascontiguousarray(np.rot90(array, k=rotation // 90))
                 frames.append(array)
+                times.append(float(t))
                 if max_frames and len(frames) >= max_frames:
                     break
         except av.error.FFmpegError as exc:
@@ -110,12 +105,25 @@ def decode(
             # A truncated tail still gives usable frames; keep what decoded.
     if not frames:
         raise VideoError("no frames", "the video stream decoded to zero frames")
-    return DecodedVideo(np.stack(frames), fps, src_w, src_h, rotation)
+    return DecodedVideo(np.stack(frames), np.asarray(times), fps, src_w, src_h, rotation)
 
 
-def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 23, gop: int = 16, preset: str = "veryfast") -> bytes:
-    """H.264 in MP4 with a short GOP (cheap random access for clip sampling). Deterministic for the
-    same frames: x264 output does not depend on thread timing, and the muxer writes no wall-clock time."""
+CODECS = ("h264", "mjpeg")
+
+
+def encode_mp4(
+    frames: np.ndarray, fps: float, *, codec: str = "h264", crf: int = 23, gop: int = 16,
+    preset: str = "veryfast", qscale: int = 5,
+) -> bytes:
+    """Frames -> MP4 bytes, deterministic for the same frames (reproducible shard sha256).
+
+    h264: a short GOP (`gop` frames, no B-frames) so that a clip needs little decoding before its first
+    frame; x264 runs single-threaded because its output depends on the thread count (and preprocessing
+    runs one video per CPU anyway). mjpeg: every frame a JPEG (quality `qscale`, 2 best .. 31 worst):
+    random access is free, at several times the bytes.
+    """
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; use one of {CODECS}")
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         frames = frames[:, : height - height % 2, : width - width % 2]
@@ -123,9 +131,15 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 23, gop: int = 16, 
     buffer = io.BytesIO()
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "bf": "0"}
+        if codec == "h264":
+            stream = container.add_stream("libx264", rate=rate)
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "bf": "0", "threads": "1"}
+        else:
+            stream = container.add_stream("mjpeg", rate=rate)
+            stream.pix_fmt = "yuvj420p"
+            stream.options = {"qmin": str(qscale), "qmax": str(qscale)}
+        stream.width, stream.height = width, height
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
@@ -134,15 +148,19 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 23, gop: int = 16, 
     return buffer.getvalue()
 
 
-def resample_fps(frames: np.ndarray, src_fps: float, dst_fps: float) -> np.ndarray:
-    """Keep the frames nearest to a `dst_fps` grid (dropping or repeating), as the decoders of the
-    official recipes do when they sample at a target frame rate."""
-    if not dst_fps or abs(src_fps - dst_fps) < 1e-3 or len(frames) == 0:
+def resample_fps(frames: np.ndarray, times: np.ndarray, dst_fps: float) -> np.ndarray:
+    """Frames on a constant `dst_fps` grid from frames shown at `times` (variable frame rate allowed):
+    each grid point takes the frame on screen at that moment (dropping or repeating frames), as the
+    decoders of the official recipes do when they sample at a target frame rate."""
+    if not dst_fps or len(frames) == 0:
         return frames
-    duration = len(frames) / src_fps
-    count = max(1, int(math.floor(duration * dst_fps + 1e-6)))
-    index = np.minimum((np.arange(count) * src_fps / dst_fps).round().astype(int), len(frames) - 1)
-    return frames[index]
+    start = float(times[0])
+    # A frame stays on screen until the next one; the last one for one typical frame interval.
+    last = float(times[-1]) + (float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / dst_fps)
+    count = max(1, int(round((last - start) * dst_fps)))
+    grid = start + np.arange(count) / dst_fps
+    index = np.searchsorted(times, grid + 1e-6, side="right") - 1
+    return frames[np.clip(index, 0, len(frames) - 1)]
 
 
 def clip_indices(num_frames_in_video: int, num_frames: int, sampling_rate: int, start: int) -> np.ndarray:

@@ -80,6 +80,7 @@ def run(cfg: EvaluateConfig) -> dict:
         uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
         tracking.check_server(uri)
         tracker = tracking.MlflowTracker(uri, cfg.mlflow_run_id)
+        tracking.log_config(tracker.client, cfg.mlflow_run_id, "evaluate", cfg)
         tracker.log_metrics({f"eval/{cfg.split}/top1": report["top1"], f"eval/{cfg.split}/top5": report["top5"]},
                             step=int(state.get("step", 0)))
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ from omegaconf import MISSING
 from pipelines.data import storage
 from pipelines.data.shards import MANIFEST, QUARANTINE, SHARD_DIR, DatasetError, Manifest, ShardInfo
 from pipelines.data.sources import Rejected, VideoRecord, hashed_split, load_records
+from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig, ensure_ray
 
 PARTS_DIR = "_parts"
@@ -38,9 +39,13 @@ class PreprocessConfig:
     source_root: str = ""  # where relative CSV paths point (default: the CSV's folder)
     short_side: int = 320  # resize so the short side is this (never upscaled, see min_short_side)
     min_short_side: int = 0  # videos smaller than this are upscaled to it (0: never upscale)
-    fps: float = 30.0  # re-encode at this frame rate (0: keep the source's)
-    crf: int = 23
-    gop: int = 16  # short GOP: cheap seeks when training samples clips
+    fps: float = 30.0  # re-encode at this constant frame rate (0: keep the source's frames as they are)
+    codec: str = "h264"  # h264 | mjpeg: stored format, chosen by `make bench BENCH=preprocess` (README)
+    crf: int = 23  # h264 quality
+    gop: int = 16  # h264: short GOP, so a clip needs little decoding before its first frame
+    qscale: int = 5  # mjpeg quality (2 best .. 31 worst)
+    labels_file: str = ""  # fixed label set: one name per line (id = line number) or a JSON {name: id};
+    # rows with other labels are quarantined. "" = every label found, ids in sorted order.
     min_frames: int = 1  # fewer decoded frames than this -> quarantined
     max_frames: int = 0  # keep at most this many frames per video (0: all)
     val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
@@ -54,6 +59,8 @@ class PreprocessConfig:
             raise ValueError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
         if self.short_side < 2:
             raise ValueError(f"config key 'short_side' must be >= 2, got {self.short_side}")
+        if self.codec not in CODECS:
+            raise ValueError(f"config key 'codec' must be one of {CODECS}, got {self.codec!r}")
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change what gets written (workers and Ray address do not)."""
@@ -75,6 +82,29 @@ def _fingerprint(records: list[VideoRecord], cfg: PreprocessConfig) -> str:
         {"records": [dataclasses.asdict(r) for r in records], "config": cfg.output_affecting()}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def read_label_file(uri: str) -> dict[str, int]:
+    """A fixed label set: a JSON object {name: id}, or text with one name per line (id = line index)."""
+    if not storage.exists(uri):
+        raise DatasetError(f"labels_file {uri} does not exist")
+    text = storage.read_bytes(uri).decode("utf-8-sig")
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+            label_map = {str(k): int(v) for k, v in data.items()}
+        except (ValueError, TypeError) as exc:
+            raise DatasetError(f"labels_file {uri}: not a JSON object of name -> integer id ({exc})") from None
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        label_map = {name: i for i, name in enumerate(names)}
+        if len(label_map) != len(names):
+            raise DatasetError(f"labels_file {uri} lists a label more than once")
+    if not label_map:
+        raise DatasetError(f"labels_file {uri} holds no labels")
+    if sorted(label_map.values()) != list(range(len(label_map))):
+        raise DatasetError(f"labels_file {uri}: ids must be 0..{len(label_map) - 1}, each once")
+    return label_map
 
 
 def _mix_order(record: VideoRecord) -> str:
@@ -140,13 +170,13 @@ def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, f
                     end_s=record.end_s,
                     max_frames=0,
                 )
-                frames = resample_fps(video.frames, video.fps, cfg.fps)
+                frames = resample_fps(video.frames, video.times, cfg.fps)
                 if cfg.max_frames:
                     frames = frames[: cfg.max_frames]
                 fps = cfg.fps or video.fps
                 if len(frames) < cfg.min_frames:
                     raise VideoError("too few frames", f"{len(frames)} < min_frames={cfg.min_frames}")
-                media = encode_mp4(frames, fps, crf=cfg.crf, gop=cfg.gop)
+                media = encode_mp4(frames, fps, codec=cfg.codec, crf=cfg.crf, gop=cfg.gop, qscale=cfg.qscale)
             except VideoError as exc:
                 quarantine.append({"source": record.source, "reason": exc.reason, "detail": exc.detail})
                 continue
@@ -167,6 +197,8 @@ def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, f
                 "source_fps": video.fps,
                 "source_width": video.source_width,
                 "source_height": video.source_height,
+                "rotation": video.rotation,
+                "codec": cfg.codec,
                 "start_s": record.start_s,
                 "end_s": record.end_s,
             }
@@ -258,7 +290,16 @@ def run(cfg: PreprocessConfig) -> Manifest:
     records = [
         dataclasses.replace(r, split=r.split or hashed_split(r.key, cfg.val_fraction)) for r in unique.values()
     ]
-    label_map = {name: i for i, name in enumerate(sorted({r.label for r in records}))}
+    if cfg.labels_file:
+        label_map = read_label_file(cfg.labels_file)
+        known = [r for r in records if r.label in label_map]
+        rejected += [
+            Rejected(r.source, f"unknown label '{r.label}' (not in labels_file {cfg.labels_file})")
+            for r in records if r.label not in label_map
+        ]
+        records = known
+    else:
+        label_map = {name: i for i, name in enumerate(sorted({r.label for r in records}))}
     fingerprint = _fingerprint(records, cfg)
 
     manifest_uri = storage.join(cfg.output, MANIFEST)

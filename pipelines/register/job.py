@@ -64,6 +64,7 @@ def run(cfg: RegisterConfig) -> dict:
     tracking.check_server(uri)
     client = tracking.client(uri)
     state = load_checkpoint(cfg.checkpoint)
+    tracking.log_config(client, cfg.mlflow_run_id, "register", cfg)
     with tempfile.TemporaryDirectory() as tmp:
         slim = Path(tmp) / "model.pt"
         # Inference needs weights, labels and how clips are cut, not the optimizer state.

@@ -30,6 +30,8 @@ class MViTVideoClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"input needs a 'video' column of paths or URIs; got columns {list(model_input.columns)}")
         rows = []
         for video in model_input["video"]:
+            if not storage.exists(str(video)):
+                raise FileNotFoundError(f"video {video} does not exist")
             clips = eval_views(storage.read_bytes(str(video)), self.clip, self.views)
             with torch.no_grad():
                 probs = self.model(clips).softmax(-1).mean(0)

@@ -199,17 +199,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.step()
             scheduler.step()
             step += 1
-            epoch_loss += float(loss)
+            loss_value = loss.item()
+            epoch_loss += loss_value
             epoch_steps += 1
             window_clips += len(keys) * world
             if cfg.audit_sample_keys:
                 seen_keys.update(keys)
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch} step {step}")
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}")
             if step % cfg.log_every_steps == 0:
                 elapsed = time.perf_counter() - window_start
                 tracker.log_metrics(
-                    {"train/loss": float(loss), "train/lr": scheduler.get_last_lr()[0],
+                    {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
                      "train/clips_per_s": window_clips / elapsed if elapsed > 0 else 0.0},
                     step,
                 )

@@ -90,13 +90,19 @@ def open_run(cfg, manifest, run_dir: str) -> str:
     for start in range(0, len(keys), 100):  # log_batch takes at most 100 params per call
         chunk = keys[start : start + 100]
         mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, params[k][:6000]) for k in chunk])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "train_config.yaml"
-        path.write_text(to_yaml(cfg))
-        mlflow_client.log_artifact(run_id, str(path), artifact_path="config")
+    log_config(mlflow_client, run_id, "train", cfg)
     _log_dataset(mlflow_client, run_id, cfg.dataset, manifest)
     storage.write_bytes(id_uri, run_id.encode())
     return run_id
+
+
+def log_config(mlflow_client, run_id: str, stage: str, cfg) -> None:
+    """The stage's effective config as `config/<stage>_config.yaml` in the run (it holds no credentials:
+    those come from the environment, never from config)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{stage}_config.yaml"
+        path.write_text(to_yaml(cfg))
+        mlflow_client.log_artifact(run_id, str(path), artifact_path="config")
 
 
 def _log_dataset(mlflow_client, run_id: str, prefix: str, manifest) -> None:

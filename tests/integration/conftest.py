@@ -33,10 +33,11 @@ def services(tmp_path_factory):
 def ray_session(services):
     import ray
 
-    from pipelines.raycluster import forwarded_env
+    from pipelines.raycluster import runtime_env
 
-    # 4 logical CPUs on a 2-core machine: 2 training workers plus Ray Data / Train bookkeeping.
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": forwarded_env()})
+    # 4 logical CPUs on a 2-core machine: 2 training workers plus Ray Data / Train bookkeeping. The
+    # dashboard serves the state API Ray Train polls; its own free port keeps parallel sessions apart.
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=local_stack.free_port(), runtime_env=runtime_env())
     yield
     ray.shutdown()
 

@@ -87,7 +87,8 @@ def test_one_mlflow_run_holds_params_metrics_artifacts_and_dataset(pipeline, ser
     assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2  # one per epoch
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2  # per step
     artifacts = {a.path for d in ("config", "plots", "eval") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"config/train_config.yaml", "plots/confusion_matrix_val.png", "plots/curves.png"} <= artifacts
+    assert {"config/train_config.yaml", "config/evaluate_config.yaml", "config/register_config.yaml",
+            "plots/confusion_matrix_val.png", "plots/curves.png", "eval/eval_val.json"} <= artifacts
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"shards-{pipeline['manifest'].digest()}"]
     assert run.data.tags["mvit.dataset_digest"] == pipeline["manifest"].digest()
 
