@@ -16,6 +16,10 @@ MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 SHARD_DIR = "shards"
 MEDIA_KEY = "mp4"
+# One JSON line per sample (key, shard, label, split, frames, fps, size, bytes): what `mvit shards stats`
+# reads instead of the media, and what `mvit shards verify` checks the shards against.
+INDEX = "index.jsonl"
+INDEX_FIELDS = ("label", "split", "frames", "fps", "width", "height")
 
 
 class DatasetError(ValueError):

@@ -114,18 +114,27 @@ def size(uri: str) -> int:
     return local_path(uri).stat().st_size
 
 
+def _get_object(uri: str):
+    """GetObject; a missing key raises FileNotFoundError like a missing local file does."""
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(f"{uri} does not exist") from None
+        raise
+
+
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _get_object(uri).read()
     return local_path(uri).read_bytes()
 
 
 def open_read(uri: str) -> IO[bytes]:
     """A streaming reader (S3 bodies are not buffered whole in memory)."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        return _get_object(uri)
     return open(local_path(uri), "rb")
 
 

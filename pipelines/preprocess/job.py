@@ -23,7 +23,17 @@ from typing import Any
 from omegaconf import MISSING
 
 from pipelines.data import storage
-from pipelines.data.shards import MANIFEST, QUARANTINE, SHARD_DIR, DatasetError, Manifest, ShardInfo
+from pipelines.data.shards import (
+    INDEX,
+    INDEX_FIELDS,
+    MANIFEST,
+    MEDIA_KEY,
+    QUARANTINE,
+    SHARD_DIR,
+    DatasetError,
+    Manifest,
+    ShardInfo,
+)
 from pipelines.data.sources import Rejected, VideoRecord, hashed_split, load_records
 from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig, ensure_ray
@@ -132,17 +142,48 @@ def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
     return parts
 
 
-def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:
-    """Runs in a Ray task: turn one part into finished shards (idempotent)."""
-    import webdataset as wds
-
+def _encode_video(record: VideoRecord, data: bytes, cfg: PreprocessConfig) -> tuple[bytes, dict]:
+    """decode -> trim -> resize -> constant fps -> re-encode; raises VideoError for unusable input."""
     from pipelines.data.video import VideoError, decode, encode_mp4, resample_fps
 
+    video = decode(data, short_side=cfg.short_side, min_short_side=cfg.min_short_side,
+                   start_s=record.start_s, end_s=record.end_s)
+    frames = resample_fps(video.frames, video.times, cfg.fps)
+    if cfg.max_frames:
+        frames = frames[: cfg.max_frames]
+    if len(frames) < cfg.min_frames:
+        raise VideoError("too few frames", f"{len(frames)} < min_frames={cfg.min_frames}")
+    fps = cfg.fps or video.fps
+    media = encode_mp4(frames, fps, codec=cfg.codec, crf=cfg.crf, gop=cfg.gop, qscale=cfg.qscale)
+    meta = {
+        "fps": fps,
+        "frames": int(len(frames)),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "source_fps": video.fps,
+        "source_width": video.source_width,
+        "source_height": video.source_height,
+        "rotation": video.rotation,
+        "codec": cfg.codec,
+    }
+    return media, meta
+
+
+def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:
+    """Runs in a Ray task: turn one part into finished shards (idempotent: same part -> same bytes).
+
+    A video that cannot be used is quarantined with its reason; a storage failure (after botocore's
+    retries) is not the video's fault, so it fails the task instead and a rerun resumes from here.
+    """
+    import webdataset as wds
+
+    from pipelines.data.video import VideoError
+
     quarantine: list[dict] = []
+    index: list[dict] = []  # one line per written sample, for `mvit shards stats|verify`
     shards: list[dict] = []
     bytes_in = 0
     with tempfile.TemporaryDirectory(prefix="mvit-part-") as tmp:
-        pattern = str(Path(tmp) / f"{part.part_id}-%02d.tar")
         closed: list[tuple[str, int]] = []
         counts: dict[str, int] = {}
 
@@ -151,7 +192,7 @@ def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, f
 
         # mtime=0 and fixed owner make the tar bytes (and sha256) a function of the samples alone.
         writer = wds.ShardWriter(
-            pattern,
+            str(Path(tmp) / f"{part.part_id}-%02d.tar"),
             maxcount=cfg.max_samples_per_shard or 10**9,
             maxsize=cfg.target_shard_bytes,
             post=on_close,
@@ -161,84 +202,57 @@ def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, f
         for record in part.records:
             try:
                 data = storage.read_bytes(record.source)
-                bytes_in += len(data)
-                video = decode(
-                    data,
-                    short_side=cfg.short_side,
-                    min_short_side=cfg.min_short_side,
-                    start_s=record.start_s,
-                    end_s=record.end_s,
-                    max_frames=0,
-                )
-                frames = resample_fps(video.frames, video.times, cfg.fps)
-                if cfg.max_frames:
-                    frames = frames[: cfg.max_frames]
-                fps = cfg.fps or video.fps
-                if len(frames) < cfg.min_frames:
-                    raise VideoError("too few frames", f"{len(frames)} < min_frames={cfg.min_frames}")
-                media = encode_mp4(frames, fps, codec=cfg.codec, crf=cfg.crf, gop=cfg.gop, qscale=cfg.qscale)
-            except VideoError as exc:
-                quarantine.append({"source": record.source, "reason": exc.reason, "detail": exc.detail})
-                continue
             except FileNotFoundError:
                 quarantine.append({"source": record.source, "reason": "missing file", "detail": ""})
+                continue
+            bytes_in += len(data)
+            try:
+                media, video_meta = _encode_video(record, data, cfg)
+            except VideoError as exc:
+                quarantine.append({"source": record.source, "reason": exc.reason, "detail": exc.detail})
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
                 quarantine.append({"source": record.source, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"})
                 continue
-            meta = {
-                "source": record.source,
-                "label": record.label,
-                "split": record.split,
-                "fps": fps,
-                "frames": int(len(frames)),
-                "height": int(frames.shape[1]),
-                "width": int(frames.shape[2]),
-                "source_fps": video.fps,
-                "source_width": video.source_width,
-                "source_height": video.source_height,
-                "rotation": video.rotation,
-                "codec": cfg.codec,
-                "start_s": record.start_s,
-                "end_s": record.end_s,
-            }
-            writer.write(
-                {
-                    "__key__": record.key,
-                    "mp4": media,
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                    "cls": str(label_map[record.label]).encode(),
-                }
-            )
+            meta = {"source": record.source, "label": record.label, "split": record.split,
+                    "start_s": record.start_s, "end_s": record.end_s, **video_meta}
+            writer.write({
+                "__key__": record.key,
+                MEDIA_KEY: media,
+                "json": json.dumps(meta, sort_keys=True).encode(),
+                "cls": str(label_map[record.label]).encode(),
+            })
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
+            index.append({"key": record.key, "shard": Path(writer.fname).name, "bytes": len(media),
+                          **{k: meta[k] for k in INDEX_FIELDS}})
         writer.close()
         for path, count in closed:
             if count == 0:
                 continue
-            name = Path(path).name
+            url = f"{SHARD_DIR}/{Path(path).name}"
             data = Path(path).read_bytes()
-            url = f"{SHARD_DIR}/{name}"
             storage.upload_file(path, storage.join(cfg.output, url))
-            shards.append(
-                {
-                    "url": url,
-                    "split": part.split,
-                    "num_samples": count,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
+            shards.append({"url": url, "split": part.split, "num_samples": count, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+    for entry in index:
+        entry["shard"] = f"{SHARD_DIR}/{entry['shard']}"
     result = {
         "part_id": part.part_id,
         "fingerprint": fingerprint,
         "inputs": len(part.records),
         "shards": shards,
         "quarantine": quarantine,
+        "index": index,
         "bytes_in": bytes_in,
     }
     # The record is the commit point of a part: written after every one of its tars is in place.
     storage.write_bytes(storage.join(cfg.output, PARTS_DIR, f"{part.part_id}.json"), json.dumps(result).encode())
     return result
+
+
+def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:
+    """The Ray Data map function (named, so workers show up as `ray::Map(process_part_row)`)."""
+    return {"result": process_part(row["part"], label_map, cfg, fingerprint)}
 
 
 def _load_done(cfg: PreprocessConfig, parts: list[Part], fingerprint: str) -> dict[str, dict]:
@@ -329,8 +343,11 @@ def run(cfg: PreprocessConfig) -> Manifest:
         ensure_ray(cfg.ray)
         items = [{"part": p} for p in todo]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        # One task per part. Ray Data retries a task whose worker died (max_retries=-1 for system
+        # failures); a retried part rewrites the same bytes under the same names.
         mapped = dataset.map(
-            lambda row: {"result": process_part(row["part"], label_map, cfg, fingerprint)},
+            process_part_row,
+            fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
             num_cpus=1,
             concurrency=cfg.num_workers or None,
         )
@@ -363,6 +380,8 @@ def run(cfg: PreprocessConfig) -> Manifest:
     storage.write_bytes(
         storage.join(cfg.output, QUARANTINE), "".join(json.dumps(q) + "\n" for q in quarantine).encode()
     )
+    index = sorted((entry for r in results for entry in r.get("index", [])), key=lambda e: (e["shard"], e["key"]))
+    storage.write_bytes(storage.join(cfg.output, INDEX), "".join(json.dumps(e) + "\n" for e in index).encode())
     storage.write_bytes(manifest_uri, manifest.to_json().encode())
     print(
         f"[preprocess] wrote {len(shards)} shards, {manifest.num_samples} samples {splits}, "

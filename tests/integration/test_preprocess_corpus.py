@@ -108,3 +108,36 @@ def test_usable_odd_videos_become_correct_samples(result):
     assert meta["rotation"] == 90 and meta["height"] > meta["width"]
     frame = decode(sample["mp4"]).frames[0].astype(float)
     assert frame[-4:].mean() > frame[:4].mean() + 80
+
+
+def test_shards_verify_passes_and_stats_summarise(corpus, result, capsys):
+    from pipelines.cli import main
+
+    manifest, _, _ = result
+    assert main(["shards", "verify", str(corpus["out"]), "--decode-fraction", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["samples"] == 8 and report["decoded"] == 8 and report["quarantined"] == 8
+    assert main(["shards", "stats", str(corpus["out"])]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["per_label"] == {"ok": {"train": 8}, "bad": {}}
+    assert stats["quarantine_reasons"]["undecodable"] == 2 and stats["frames"]["min"] == 1
+    assert stats["total_bytes"] == sum(s.bytes for s in manifest.shards)
+
+
+def test_shards_verify_names_corrupted_and_missing_shards(corpus, result, tmp_path, capsys):
+    import shutil
+
+    from pipelines.cli import main
+
+    manifest, _, _ = result
+    copy = tmp_path / "ds"
+    shutil.copytree(corpus["out"], copy)
+    first, second = manifest.shards[0].url, manifest.shards[1].url
+    data = bytearray((copy / first).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a sample
+    (copy / first).write_bytes(bytes(data))
+    (copy / second).unlink()
+    assert main(["shards", "verify", str(copy)]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert f"{first}: bytes/sha256 differ from the manifest (corrupted or replaced)" in problems
+    assert f"{second}: missing" in problems
