@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from pipelines.data.video import clip_indices, clip_starts, decode
+from pipelines.data.video import clip_indices, clip_starts, decode, decode_frames
 from pipelines.train.config import ClipConfig
 
 
@@ -38,20 +38,27 @@ def eval_transform(clip: ClipConfig):
 
 
 def train_clip(data: bytes, frames_in_video: int, clip: ClipConfig, transform, rng: random.Random) -> torch.Tensor:
-    """One random temporal window; decoding stops as soon as the window is complete."""
+    """One random temporal window of a stored video; only its frames are decoded (see decode_frames)."""
     span = (clip.num_frames - 1) * clip.sampling_rate + 1
     start = rng.randint(0, max(0, frames_in_video - span))
-    frames = decode(data, max_frames=start + span).frames
-    return to_model_input(frames[clip_indices(len(frames), clip.num_frames, clip.sampling_rate, start)], transform, clip)
+    index = clip_indices(frames_in_video, clip.num_frames, clip.sampling_rate, start)
+    return to_model_input(decode_frames(data, index), transform, clip)
 
 
-def eval_views(data: bytes, clip: ClipConfig, views: int) -> torch.Tensor:
-    """`views` evenly spaced temporal clips of one video: (views, C, T, H, W)."""
-    frames = decode(data).frames
+def eval_views(data: bytes, clip: ClipConfig, views: int, frames_in_video: int | None = None) -> torch.Tensor:
+    """`views` evenly spaced temporal clips of one video: (views, C, T, H, W).
+
+    With `frames_in_video` (a stored sample), only the views' frames are decoded; without it (any video
+    a user hands to the registered model), the whole video is decoded once.
+    """
     transform = eval_transform(clip)
-    return torch.stack(
-        [
-            to_model_input(frames[clip_indices(len(frames), clip.num_frames, clip.sampling_rate, s)], transform, clip)
-            for s in clip_starts(len(frames), clip.num_frames, clip.sampling_rate, views)
-        ]
-    )
+    if frames_in_video:
+        starts = clip_starts(frames_in_video, clip.num_frames, clip.sampling_rate, views)
+        index = [clip_indices(frames_in_video, clip.num_frames, clip.sampling_rate, s) for s in starts]
+        frames = decode_frames(data, np.concatenate(index))
+        clips = np.split(frames, views)
+    else:
+        everything = decode(data).frames
+        clips = [everything[clip_indices(len(everything), clip.num_frames, clip.sampling_rate, s)]
+                 for s in clip_starts(len(everything), clip.num_frames, clip.sampling_rate, views)]
+    return torch.stack([to_model_input(frames, transform, clip) for frames in clips])

@@ -34,7 +34,7 @@ def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
 
 
 def _decode_train(sample: dict, clip: ClipConfig, transform, rng: random.Random):
-    frames = int(sample_metadata(sample).get("frames", 0))
+    frames = int(sample_metadata(sample)["frames"])
     return train_clip(sample[MEDIA_KEY], frames, clip, transform, rng), int(sample["cls"]), sample["__key__"]
 
 
@@ -64,4 +64,7 @@ def eval_samples(urls: list[str], clip: ClipConfig, views: int) -> Iterator[tupl
     if not urls:
         return iter(())
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
-    return ((eval_views(s[MEDIA_KEY], clip, views), int(s["cls"]), s["__key__"]) for s in dataset)
+    return (
+        (eval_views(s[MEDIA_KEY], clip, views, int(sample_metadata(s)["frames"])), int(s["cls"]), s["__key__"])
+        for s in dataset
+    )

@@ -7,7 +7,6 @@ linger until the garbage collector runs are what makes long preprocessing jobs g
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -53,8 +52,13 @@ def decode(
     start_s: float | None = None,
     end_s: float | None = None,
     max_frames: int = 0,
+    threads: int = 0,
 ) -> DecodedVideo:
     """Decode every frame (optionally only [start_s, end_s)), resized with swscale on the way.
+
+    With `start_s`, the demuxer first seeks to the keyframe before it, so a clip late in a long video
+    costs one GOP of extra decoding, not the whole prefix. `threads` sizes FFmpeg's frame/slice
+    threading (0: as many as it likes; preprocessing passes the CPUs Ray reserved for the task).
 
     Phones store portrait video as landscape frames plus a display matrix; FFmpeg reports it per frame
     (`VideoFrame.rotation`, counter-clockwise degrees) and the frames are turned upright here, so stored
@@ -71,6 +75,10 @@ def decode(
             raise VideoError("no video stream", f"streams: {[s.type for s in container.streams]}")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if threads:
+            stream.thread_count = threads
+        if start_s and stream.time_base:
+            container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
         rate = stream.average_rate or stream.guessed_rate or Fraction(30)
         fps = float(rate)
         frames: list[np.ndarray] = []
@@ -108,7 +116,69 @@ def decode(
     return DecodedVideo(np.stack(frames), np.asarray(times), fps, src_w, src_h, rotation)
 
 
+def decode_frames(data: bytes, indices, *, threads: int = 0) -> np.ndarray:
+    """Frames number `indices` of a constant-frame-rate video (as preprocessing stores them):
+    (len(indices), H, W, 3) uint8, in the order given; indices past the end repeat the last frame.
+
+    Only what a clip needs is paid for: the demuxer seeks to the keyframe before the first index,
+    decoding stops after the last one, only the wanted frames are converted to RGB, and for intra-only
+    codecs (mjpeg) the packets in between are not decoded at all.
+    """
+    wanted = sorted({int(i) for i in indices})
+    if not data:
+        raise VideoError("empty file")
+    try:
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise VideoError("undecodable", str(exc)) from None
+    got: dict[int, np.ndarray] = {}
+    with container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.thread_count = threads
+        fps = float(stream.average_rate or stream.guessed_rate or 30)
+        base = stream.start_time or 0
+
+        def number(pts) -> int:
+            return int(round(float((pts - base) * stream.time_base) * fps))
+
+        if wanted[0] > 0:
+            container.seek(base + int((wanted[0] - 0.5) / fps / stream.time_base), stream=stream, backward=True)
+        keep = set(wanted)
+        try:
+            if stream.codec_context.name in INTRA_ONLY_CODECS:
+                for packet in container.demux(stream):
+                    if packet.pts is None:
+                        continue
+                    n = number(packet.pts)
+                    if n in keep:
+                        for frame in packet.decode():
+                            got[n] = frame.to_ndarray(format="rgb24")
+                    if n >= wanted[-1]:
+                        break
+            else:
+                for frame in container.decode(stream):
+                    n = number(frame.pts)
+                    if n in keep:
+                        got[n] = frame.to_ndarray(format="rgb24")
+                    if n >= wanted[-1]:
+                        break
+        except av.error.FFmpegError as exc:
+            if not got:
+                raise VideoError("undecodable", str(exc)) from None
+    if not got:
+        raise VideoError("no frames", f"none of frames {wanted[0]}..{wanted[-1]} decoded")
+    available = sorted(got)
+    # indices past the end (or lost to a damaged tail) take the nearest earlier frame
+    pick = {i: got[available[max(0, np.searchsorted(available, i, side="right") - 1)]] for i in wanted}
+    return np.stack([pick[int(i)] for i in indices])
+
+
 CODECS = ("h264", "mjpeg")
+INTRA_ONLY_CODECS = ("mjpeg",)  # every frame decodes on its own: no need to decode the ones in between
 
 
 def encode_mp4(

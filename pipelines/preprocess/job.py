@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import MISSING
 
@@ -61,7 +61,8 @@ class PreprocessConfig:
     val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
     target_shard_bytes: int = 1_000_000_000
     max_samples_per_shard: int = 0  # 0: limited by target_shard_bytes only
-    num_workers: int = 0  # concurrent Ray tasks (0: as many as Ray has CPUs)
+    num_workers: int = 0  # concurrent Ray tasks (0: as many as Ray's CPUs allow)
+    cpus_per_task: int = 1  # CPUs Ray reserves per task; the decoder uses as many threads
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
@@ -69,13 +70,15 @@ class PreprocessConfig:
             raise ValueError(f"config key 'val_fraction' must be in [0, 1), got {self.val_fraction}")
         if self.short_side < 2:
             raise ValueError(f"config key 'short_side' must be >= 2, got {self.short_side}")
+        if self.cpus_per_task < 1:
+            raise ValueError(f"config key 'cpus_per_task' must be >= 1, got {self.cpus_per_task}")
         if self.codec not in CODECS:
             raise ValueError(f"config key 'codec' must be one of {CODECS}, got {self.codec!r}")
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change what gets written (workers and Ray address do not)."""
         data = dataclasses.asdict(self)
-        for name in ("num_workers", "ray", "output"):
+        for name in ("num_workers", "cpus_per_task", "ray", "output"):
             data.pop(name)
         return data
 
@@ -147,7 +150,7 @@ def _encode_video(record: VideoRecord, data: bytes, cfg: PreprocessConfig) -> tu
     from pipelines.data.video import VideoError, decode, encode_mp4, resample_fps
 
     video = decode(data, short_side=cfg.short_side, min_short_side=cfg.min_short_side,
-                   start_s=record.start_s, end_s=record.end_s)
+                   start_s=record.start_s, end_s=record.end_s, threads=cfg.cpus_per_task)
     frames = resample_fps(video.frames, video.times, cfg.fps)
     if cfg.max_frames:
         frames = frames[: cfg.max_frames]
@@ -169,11 +172,15 @@ def _encode_video(record: VideoRecord, data: bytes, cfg: PreprocessConfig) -> tu
     return media, meta
 
 
-def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:
+def process_part(
+    part: Part, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str,
+    on_video: Callable[[int], None] | None = None,
+) -> dict:
     """Runs in a Ray task: turn one part into finished shards (idempotent: same part -> same bytes).
 
     A video that cannot be used is quarantined with its reason; a storage failure (after botocore's
     retries) is not the video's fault, so it fails the task instead and a rerun resumes from here.
+    `on_video(i)` is called after the i-th input (the memory benchmark samples RSS there).
     """
     import webdataset as wds
 
@@ -199,7 +206,9 @@ def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, f
             verbose=0,
             mtime=0,
         )
-        for record in part.records:
+        for position, record in enumerate(part.records):
+            if on_video is not None and position:
+                on_video(position)
             try:
                 data = storage.read_bytes(record.source)
             except FileNotFoundError:
@@ -226,6 +235,8 @@ def process_part(part: Part, label_map: dict[str, int], cfg: PreprocessConfig, f
             index.append({"key": record.key, "shard": Path(writer.fname).name, "bytes": len(media),
                           **{k: meta[k] for k in INDEX_FIELDS}})
         writer.close()
+        if on_video is not None:
+            on_video(len(part.records))
         for path, count in closed:
             if count == 0:
                 continue
@@ -348,7 +359,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
         mapped = dataset.map(
             process_part_row,
             fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
-            num_cpus=1,
+            num_cpus=cfg.cpus_per_task,
             concurrency=cfg.num_workers or None,
         )
         for row in mapped.iter_rows():

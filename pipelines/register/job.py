@@ -11,7 +11,6 @@ from omegaconf import MISSING
 
 import mvit
 import pipelines
-from pipelines.data import storage
 from pipelines.data.shards import MEDIA_KEY, read_manifest
 from pipelines.evaluate.job import load_checkpoint
 from pipelines.train import tracking

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.data.sources import folder_per_class, path_label_csv, sample_key
 from pipelines.data.synthetic import SyntheticSpec, generate, render_video
-from pipelines.data.video import VideoError, clip_indices, clip_starts, decode, encode_mp4, target_size
+from pipelines.data.video import VideoError, clip_indices, clip_starts, decode, encode_mp4, resample_fps, target_size
 from pipelines.preprocess.job import PreprocessConfig, plan_parts
 from pipelines.data.sources import VideoRecord
 
@@ -97,3 +97,37 @@ def test_parts_are_deterministic_and_bounded():
     assert all(len(p.records) <= 8 and sum(r.size for r in p.records) <= 1000 for p in parts)
     assert sum(len(p.records) for p in parts) == 40
     assert {p.split for p in parts} == {"train", "val"} and all({r.split for r in p.records} == {p.split} for p in parts)
+
+
+@pytest.mark.parametrize("codec", ["h264", "mjpeg"])
+def test_decoding_from_a_seek_gives_the_same_frames_as_from_the_start(codec):
+    frames = np.repeat(np.arange(0, 200, 5, dtype=np.uint8)[:, None, None, None], 16 * 16 * 3, axis=1).reshape(40, 16, 16, 3)
+    data = encode_mp4(frames, 10, codec=codec, gop=8)
+    everything = decode(data).frames
+    for start in (0, 7, 8, 17, 35):
+        window = decode(data, start_s=(start - 0.5) / 10 if start else None, max_frames=5).frames
+        assert np.array_equal(window, everything[start : start + 5]), start
+        # and the frames are the ones encoded, not neighbours (content is the frame index)
+        assert abs(int(window[0].mean()) - 5 * start) <= 2
+
+
+def test_resample_fps_follows_timestamps():
+    frames = np.arange(5)[:, None, None, None]
+    times = np.array([0.0, 0.1, 0.2, 0.6, 0.7])  # a gap: 0.2 stays on screen until 0.6
+    assert resample_fps(frames, times, 10).ravel().tolist() == [0, 1, 2, 2, 2, 2, 3, 4]
+    assert resample_fps(frames, times, 5).ravel().tolist() == [0, 2, 2, 3]
+
+
+@pytest.mark.parametrize("codec", ["h264", "mjpeg"])
+def test_decode_frames_picks_exactly_the_asked_frames(codec):
+    from pipelines.data.video import decode_frames
+
+    frames = np.repeat(np.arange(0, 200, 5, dtype=np.uint8)[:, None, None, None], 16 * 16 * 3, axis=1).reshape(40, 16, 16, 3)
+    data = encode_mp4(frames, 10, codec=codec, gop=8)
+    everything = decode(data).frames
+    for index in ([0, 4, 8, 12], [17, 21, 25, 29], [9], [30, 35, 39, 39], [24, 3, 24]):
+        assert np.array_equal(decode_frames(data, index), everything[index]), index
+    # past the end: the last frame repeats (short videos pad their clips)
+    assert np.array_equal(decode_frames(data, [38, 39, 40, 44]), everything[[38, 39, 39, 39]])
+    with pytest.raises(VideoError):
+        decode_frames(b"not a video" * 10, [0])
