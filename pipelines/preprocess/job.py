@@ -89,6 +89,11 @@ class Part:
     split: str
     records: list[VideoRecord]
 
+    @classmethod
+    def from_json(cls, text: str) -> "Part":
+        data = json.loads(text)
+        return cls(data["part_id"], data["split"], [VideoRecord(**r) for r in data["records"]])
+
 
 def _fingerprint(records: list[VideoRecord], cfg: PreprocessConfig) -> str:
     payload = json.dumps(
@@ -263,7 +268,7 @@ def process_part(
 
 def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:
     """The Ray Data map function (named, so workers show up as `ray::Map(process_part_row)`)."""
-    return {"result": process_part(row["part"], label_map, cfg, fingerprint)}
+    return {"result": process_part(Part.from_json(row["part"]), label_map, cfg, fingerprint)}
 
 
 def _load_done(cfg: PreprocessConfig, parts: list[Part], fingerprint: str) -> dict[str, dict]:
@@ -352,7 +357,8 @@ def run(cfg: PreprocessConfig) -> Manifest:
         import ray
 
         ensure_ray(cfg.ray)
-        items = [{"part": p} for p in todo]
+        # Parts travel as JSON (an Arrow string column) rather than pickled dataclasses.
+        items = [{"part": json.dumps(dataclasses.asdict(p))} for p in todo]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         # One task per part. Ray Data retries a task whose worker died (max_retries=-1 for system
         # failures); a retried part rewrites the same bytes under the same names.
@@ -360,7 +366,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
             process_part_row,
             fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
             num_cpus=cfg.cpus_per_task,
-            concurrency=cfg.num_workers or None,
+            compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
         )
         for row in mapped.iter_rows():
             results.append(row["result"])
