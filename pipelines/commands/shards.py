@@ -17,7 +17,7 @@ import statistics
 import tarfile
 
 from pipelines.data import storage
-from pipelines.data.shards import INDEX, MEDIA_KEY, QUARANTINE, Manifest, read_manifest
+from pipelines.data.shards import IMAGE_KEY, INDEX, MEDIA_KEY, QUARANTINE, Manifest, read_manifest
 
 
 def _read_lines(prefix: str, name: str) -> list[dict]:
@@ -68,8 +68,24 @@ def _shard_samples(reader: _HashingReader):
     reader.drain()
 
 
-def verify(prefix: str, decode_fraction: float = 0.05, seed: int = 0) -> dict:
+def _decode_media(media_key: str, data: bytes) -> int:
+    """Decode a sample's media; the number of frames it holds (1 for an image)."""
     from pipelines.data.video import VideoError, decode
+
+    if media_key == IMAGE_KEY:
+        import torch
+        from torchvision.io import decode_image
+
+        try:
+            decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except RuntimeError as exc:
+            raise VideoError("undecodable image", str(exc).splitlines()[0]) from None
+        return 1
+    return decode(data).frames.shape[0]
+
+
+def verify(prefix: str, decode_fraction: float = 0.05, seed: int = 0) -> dict:
+    from pipelines.data.video import VideoError
 
     manifest = read_manifest(prefix)
     index = collections.defaultdict(set)
@@ -92,20 +108,22 @@ def verify(prefix: str, decode_fraction: float = 0.05, seed: int = 0) -> dict:
         try:
             for position, (key, fields) in enumerate(_shard_samples(reader)):
                 keys.add(key)
-                missing = {MEDIA_KEY, "json", "cls"} - set(fields)
+                media_key = IMAGE_KEY if IMAGE_KEY in fields else MEDIA_KEY
+                missing = {media_key, "json", "cls"} - set(fields)
                 if missing:
                     problems.append(f"{shard.url}/{key}: missing field(s) {sorted(missing)}")
                     continue
-                if int(fields["cls"]) not in ids:
-                    problems.append(f"{shard.url}/{key}: cls {int(fields['cls'])} is not in the label map")
+                classes = [int(c) for c in fields["cls"].split(b",")]
+                if not set(classes) <= ids:
+                    problems.append(f"{shard.url}/{key}: cls {fields['cls'].decode()} is not in the label map")
                 meta = json.loads(fields["json"])
                 # the first sample of every shard, then a random share of the rest
                 if position == 0 or rng.random() < (wanted - 1) / max(1, shard.num_samples - 1):
                     try:
-                        frames = decode(fields[MEDIA_KEY]).frames
+                        frames = _decode_media(media_key, fields[media_key])
                         decoded += 1
-                        if frames.shape[0] != meta.get("frames", frames.shape[0]):
-                            problems.append(f"{shard.url}/{key}: decodes to {frames.shape[0]} frames, json says {meta['frames']}")
+                        if frames != meta.get("frames", frames):
+                            problems.append(f"{shard.url}/{key}: decodes to {frames} frames, json says {meta['frames']}")
                     except VideoError as exc:
                         problems.append(f"{shard.url}/{key}: media does not decode ({exc})")
         except tarfile.TarError as exc:
@@ -142,7 +160,8 @@ def stats(prefix: str) -> dict:
     index = _read_lines(prefix, INDEX)
     per_label: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.Counter())
     for entry in index:
-        per_label[entry["label"]][entry["split"]] += 1
+        for name in entry["labels"]:
+            per_label[name][entry["split"]] += 1
     resolutions = collections.Counter(f"{e['width']}x{e['height']}" for e in index)
     reasons = collections.Counter(q["reason"].split(" (")[0] for q in _read_lines(prefix, QUARANTINE))
     shard_bytes = [s.bytes for s in manifest.shards]

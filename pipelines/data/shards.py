@@ -15,11 +15,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 SHARD_DIR = "shards"
-MEDIA_KEY = "mp4"
+MEDIA_KEY = "mp4"  # video samples
+IMAGE_KEY = "jpg"  # image samples (ImageNet-style sources, for the image MViT)
 # One JSON line per sample (key, shard, label, split, frames, fps, size, bytes): what `mvit shards stats`
 # reads instead of the media, and what `mvit shards verify` checks the shards against.
 INDEX = "index.jsonl"
-INDEX_FIELDS = ("label", "split", "frames", "fps", "width", "height")
+INDEX_FIELDS = ("labels", "split", "media", "frames", "fps", "width", "height")
 
 
 class DatasetError(ValueError):

@@ -25,6 +25,7 @@ from omegaconf import MISSING
 from pipelines.data import storage
 from pipelines.data.shards import (
     INDEX,
+    IMAGE_KEY,
     INDEX_FIELDS,
     MANIFEST,
     MEDIA_KEY,
@@ -34,7 +35,7 @@ from pipelines.data.shards import (
     Manifest,
     ShardInfo,
 )
-from pipelines.data.sources import Rejected, VideoRecord, hashed_split, load_records
+from pipelines.data.sources import Rejected, VideoRecord, detect_format, hashed_split, load_records
 from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig, ensure_ray
 
@@ -42,11 +43,20 @@ PARTS_DIR = "_parts"
 
 
 @dataclass
+class AvaOptions:
+    """AVA only: how the annotated 900..1800 s of each movie is cut into samples."""
+
+    chunk_s: float = 60.0  # seconds of movie per sample (900: one sample per movie)
+    context_s: float = 1.5  # extra seconds on both sides, so clips centred on edge keyframes fit
+    action_list: str = "ava_action_list_v2.2.pbtxt"  # in the annotations folder
+
+
+@dataclass
 class PreprocessConfig:
-    source: str = MISSING  # a folder (<label>/<video>) or a path,label CSV; local or s3://
+    source: str = MISSING  # annotations or a folder, local or s3:// (see pipelines/data/sources)
     output: str = MISSING  # dataset prefix, local or s3://bucket/prefix
-    source_format: str = "auto"  # auto | folder | csv
-    source_root: str = ""  # where relative CSV paths point (default: the CSV's folder)
+    source_format: str = "auto"  # auto | folder | imagefolder | csv | kinetics | ssv2 | ava
+    source_root: str = ""  # where the videos are for annotation files (default: the annotations' folder)
     short_side: int = 320  # resize so the short side is this (never upscaled, see min_short_side)
     min_short_side: int = 0  # videos smaller than this are upscaled to it (0: never upscale)
     fps: float = 30.0  # re-encode at this constant frame rate (0: keep the source's frames as they are)
@@ -61,6 +71,8 @@ class PreprocessConfig:
     val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
     target_shard_bytes: int = 1_000_000_000
     max_samples_per_shard: int = 0  # 0: limited by target_shard_bytes only
+    image_quality: int = 90  # JPEG quality of image samples (imagefolder)
+    ava: AvaOptions = field(default_factory=AvaOptions)
     num_workers: int = 0  # concurrent Ray tasks (0: as many as Ray's CPUs allow)
     cpus_per_task: int = 1  # CPUs Ray reserves per task; the decoder uses as many threads
     ray: RayConfig = field(default_factory=RayConfig)
@@ -102,6 +114,11 @@ def _fingerprint(records: list[VideoRecord], cfg: PreprocessConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _adapter_options(cfg: PreprocessConfig) -> dict[str, Any]:
+    fmt = cfg.source_format if cfg.source_format != "auto" else detect_format(cfg.source)
+    return dataclasses.asdict(cfg.ava) if fmt == "ava" else {}
+
+
 def read_label_file(uri: str) -> dict[str, int]:
     """A fixed label set: a JSON object {name: id}, or text with one name per line (id = line index)."""
     if not storage.exists(uri):
@@ -125,10 +142,11 @@ def read_label_file(uri: str) -> dict[str, int]:
     return label_map
 
 
-def _mix_order(record: VideoRecord) -> str:
-    # Annotation files are usually grouped by label; ordering by a hash of the key instead spreads every
-    # label over every shard, so a shard-level shuffle buffer already sees mixed labels.
-    return hashlib.sha1(record.key.encode()).hexdigest()
+def _mix_order(record: VideoRecord) -> tuple[str, float, str]:
+    # Annotation files are usually grouped by label; ordering by a hash of the source instead spreads
+    # every label over every shard, so a shard-level shuffle buffer already sees mixed labels. Records
+    # cut from one file (AVA chunks) stay next to each other, so a task reads that file once.
+    return hashlib.sha1(record.source.encode()).hexdigest(), record.start_s or 0.0, record.key
 
 
 def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
@@ -177,6 +195,35 @@ def _encode_video(record: VideoRecord, data: bytes, cfg: PreprocessConfig) -> tu
     return media, meta
 
 
+def _encode_image(data: bytes, cfg: PreprocessConfig) -> tuple[bytes, dict]:
+    """decode (EXIF orientation applied) -> resize to the short side -> JPEG; VideoError if unusable."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image, encode_jpeg
+    from torchvision.transforms.v2.functional import resize
+
+    from pipelines.data.video import VideoError, target_size
+
+    if not data:
+        raise VideoError("empty file")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)
+    except RuntimeError as exc:
+        raise VideoError("undecodable image", str(exc).splitlines()[0]) from None
+    height, width = image.shape[1:]
+    new_w, new_h = target_size(width, height, cfg.short_side, cfg.min_short_side)
+    if (new_w, new_h) != (width, height):
+        image = resize(image, [new_h, new_w], antialias=True)
+    media = encode_jpeg(image, quality=cfg.image_quality).numpy().tobytes()
+    meta = {"frames": 1, "fps": 0, "height": new_h, "width": new_w, "source_width": width, "source_height": height}
+    return media, meta
+
+
+def _class_field(record: VideoRecord, label_map: dict[str, int]) -> bytes:
+    """`cls`: the class id; for a multi-label record (AVA) the sorted ids joined by commas."""
+    return ",".join(str(i) for i in sorted(label_map[n] for n in record.labels)).encode()
+
+
 def process_part(
     part: Part, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str,
     on_video: Callable[[int], None] | None = None,
@@ -211,30 +258,37 @@ def process_part(
             verbose=0,
             mtime=0,
         )
+        source, data = None, b""
         for position, record in enumerate(part.records):
             if on_video is not None and position:
                 on_video(position)
+            if record.source != source:  # consecutive records of one file (AVA chunks) read it once
+                try:
+                    source, data = record.source, storage.read_bytes(record.source)
+                except FileNotFoundError:
+                    quarantine.append({"source": record.source, "reason": "missing file", "detail": ""})
+                    source, data = None, b""
+                    continue
+                bytes_in += len(data)
+            image = record.media == "image"
             try:
-                data = storage.read_bytes(record.source)
-            except FileNotFoundError:
-                quarantine.append({"source": record.source, "reason": "missing file", "detail": ""})
-                continue
-            bytes_in += len(data)
-            try:
-                media, video_meta = _encode_video(record, data, cfg)
+                media, video_meta = _encode_image(data, cfg) if image else _encode_video(record, data, cfg)
             except VideoError as exc:
                 quarantine.append({"source": record.source, "reason": exc.reason, "detail": exc.detail})
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
                 quarantine.append({"source": record.source, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"})
                 continue
-            meta = {"source": record.source, "label": record.label, "split": record.split,
-                    "start_s": record.start_s, "end_s": record.end_s, **video_meta}
+            meta = {"source": record.source, "label": record.label, "labels": list(record.labels),
+                    "split": record.split, "media": record.media, "start_s": record.start_s,
+                    "end_s": record.end_s, **video_meta}
+            if record.extra:
+                meta["extra"] = record.extra
             writer.write({
                 "__key__": record.key,
-                MEDIA_KEY: media,
+                IMAGE_KEY if image else MEDIA_KEY: media,
                 "json": json.dumps(meta, sort_keys=True).encode(),
-                "cls": str(label_map[record.label]).encode(),
+                "cls": _class_field(record, label_map),
             })
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
             index.append({"key": record.key, "shard": Path(writer.fname).name, "bytes": len(media),
@@ -308,7 +362,7 @@ class _Progress:
 
 def run(cfg: PreprocessConfig) -> Manifest:
     storage.check_reachable(cfg.output)
-    records, rejected = load_records(cfg.source, cfg.source_format, cfg.source_root or None)
+    records, rejected = load_records(cfg.source, cfg.source_format, cfg.source_root or None, **_adapter_options(cfg))
     inputs = len(records) + len(rejected)
 
     unique: dict[str, VideoRecord] = {}
@@ -322,14 +376,15 @@ def run(cfg: PreprocessConfig) -> Manifest:
     ]
     if cfg.labels_file:
         label_map = read_label_file(cfg.labels_file)
-        known = [r for r in records if r.label in label_map]
+        known = [r for r in records if all(name in label_map for name in r.labels)]
         rejected += [
-            Rejected(r.source, f"unknown label '{r.label}' (not in labels_file {cfg.labels_file})")
-            for r in records if r.label not in label_map
+            Rejected(r.source, f"unknown label '{next(n for n in r.labels if n not in label_map)}' "
+                               f"(not in labels_file {cfg.labels_file})")
+            for r in records if not all(name in label_map for name in r.labels)
         ]
         records = known
     else:
-        label_map = {name: i for i, name in enumerate(sorted({r.label for r in records}))}
+        label_map = {name: i for i, name in enumerate(sorted({n for r in records for n in r.labels}))}
     fingerprint = _fingerprint(records, cfg)
 
     manifest_uri = storage.join(cfg.output, MANIFEST)
