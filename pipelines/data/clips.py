@@ -15,6 +15,11 @@ from pipelines.data.video import clip_indices, clip_starts, decode, decode_frame
 from pipelines.train.config import ClipConfig
 
 
+# One decoder thread per clip: loaders parallelise across clips (DataLoader workers, DDP ranks), and
+# FFmpeg's per-open thread start-up costs more than it saves on short clips.
+LOADER_DECODE_THREADS = 1
+
+
 def to_model_input(frames: np.ndarray, transform, clip: ClipConfig) -> torch.Tensor:
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
     video = transform(video)
@@ -42,7 +47,7 @@ def train_clip(data: bytes, frames_in_video: int, clip: ClipConfig, transform, r
     span = (clip.num_frames - 1) * clip.sampling_rate + 1
     start = rng.randint(0, max(0, frames_in_video - span))
     index = clip_indices(frames_in_video, clip.num_frames, clip.sampling_rate, start)
-    return to_model_input(decode_frames(data, index), transform, clip)
+    return to_model_input(decode_frames(data, index, threads=LOADER_DECODE_THREADS), transform, clip)
 
 
 def eval_views(data: bytes, clip: ClipConfig, views: int, frames_in_video: int | None = None) -> torch.Tensor:
@@ -55,7 +60,7 @@ def eval_views(data: bytes, clip: ClipConfig, views: int, frames_in_video: int |
     if frames_in_video:
         starts = clip_starts(frames_in_video, clip.num_frames, clip.sampling_rate, views)
         index = [clip_indices(frames_in_video, clip.num_frames, clip.sampling_rate, s) for s in starts]
-        frames = decode_frames(data, np.concatenate(index))
+        frames = decode_frames(data, np.concatenate(index), threads=LOADER_DECODE_THREADS)
         clips = np.split(frames, views)
     else:
         everything = decode(data).frames

@@ -7,8 +7,10 @@ a model has to compare frames, the property that makes it a useful smoke test of
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,22 +68,31 @@ def render_video(label: int, rng: np.random.Generator, spec: SyntheticSpec) -> n
     return np.clip(video + noise, 0, 255).astype(np.uint8)
 
 
-def generate(out_dir: str | Path, spec: SyntheticSpec) -> Path:
-    """Write `<out>/<class>/<class>_<i>.mp4` plus `<out>/labels.csv` (path,label). Returns the CSV path."""
+def _write_video(out: str, name: str, label: int, i: int, spec: SyntheticSpec) -> str:
+    # One generator per video, seeded from (seed, label, i): any subset regenerates identically.
+    rng = np.random.default_rng([spec.seed, label, i])
+    path = Path(out) / name / f"{name}_{i:04d}.mp4"
+    path.write_bytes(encode_mp4(render_video(label, rng, spec), spec.fps, crf=18, gop=spec.frames))
+    return f"{name}/{path.name}"
+
+
+def generate(out_dir: str | Path, spec: SyntheticSpec, workers: int | None = None) -> Path:
+    """Write `<out>/<class>/<class>_<i>.mp4` plus `<out>/labels.csv` (path,label). Returns the CSV path.
+    Videos are rendered in `workers` processes (default: one per core); the bytes do not depend on it."""
     out = Path(out_dir)
     names = class_names(spec.classes)
-    rows = []
-    for label, name in enumerate(names):
+    for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
-        for i in range(spec.videos_per_class):
-            # One generator per video, seeded from (seed, label, i): any subset regenerates identically.
-            rng = np.random.default_rng([spec.seed, label, i])
-            path = out / name / f"{name}_{i:04d}.mp4"
-            path.write_bytes(encode_mp4(render_video(label, rng, spec), spec.fps, crf=18, gop=spec.frames))
-            rows.append((f"{name}/{path.name}", name))
+    jobs = [(str(out), name, label, i, spec) for label, name in enumerate(names) for i in range(spec.videos_per_class)]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) > 32:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            paths = list(pool.map(_write_video, *zip(*jobs), chunksize=16))
+    else:
+        paths = [_write_video(*job) for job in jobs]
     csv_path = out / "labels.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
-        writer.writerows(rows)
+        writer.writerows((path, path.split("/", 1)[0]) for path in paths)
     return csv_path

@@ -131,3 +131,12 @@ def test_decode_frames_picks_exactly_the_asked_frames(codec):
     assert np.array_equal(decode_frames(data, [38, 39, 40, 44]), everything[[38, 39, 39, 39]])
     with pytest.raises(VideoError):
         decode_frames(b"not a video" * 10, [0])
+
+
+def test_synthetic_set_does_not_depend_on_the_number_of_processes(tmp_path):
+    spec = SyntheticSpec(classes=4, videos_per_class=10, frames=6, size=32, seed=2)  # > 32 videos: a pool renders
+    generate(tmp_path / "pool", spec, workers=2)
+    generate(tmp_path / "one", spec, workers=1)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 41
+    assert all((tmp_path / "pool" / f).read_bytes() == (tmp_path / "one" / f).read_bytes() for f in files)
