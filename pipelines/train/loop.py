@@ -117,7 +117,7 @@ def evaluate_views(model, urls, cfg: TrainConfig, num_classes: int, device, view
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, step: int, cfg: TrainConfig,
-                    label_map: dict[str, int]) -> None:
+                    label_map: dict[str, int], epoch_metrics: dict[str, float] | None = None) -> None:
     """Our own checkpoint format: weights plus everything needed to rebuild and use the model."""
     from dataclasses import asdict
 
@@ -134,6 +134,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, st
             "config": asdict(module.cfg) if hasattr(module, "cfg") else {},
             "train_config": asdict(cfg),
             "label_map": label_map,
+            "epoch_metrics": epoch_metrics or {},
         },
         directory / CHECKPOINT_FILE,
     )
@@ -177,6 +178,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train rank {rank}] resumed from epoch {state['epoch']} (step {step})", flush=True)
 
     tracker = MlflowTracker(tracking_uri, run_id) if rank == 0 else NullTracker()
+    if checkpoint and state.get("epoch_metrics"):
+        # The previous group may have died between committing this checkpoint and logging its epoch.
+        tracker.log_metrics_once(state["epoch_metrics"], step)
     seen_keys: set[str] = set()
     for epoch in range(start_epoch, cfg.epochs):
         loader = train_loader(
@@ -221,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "train/epoch_loss": train_loss}
         if total:
             metrics.update({"val/top1": correct1 / total, "val/top5": correct5 / total})
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        epoch_metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if rank == 0:
             print(f"[train] epoch {epoch}: {json.dumps(metrics)}", flush=True)
 
@@ -230,11 +234,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             storage.write_bytes(storage.join(run_dir, "data_audit", f"rank-{rank}.json"), json.dumps(audit).encode())
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch, step, cfg, manifest.label_map)
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch, step, cfg, manifest.label_map,
+                                epoch_metrics)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             else:
                 ckpt = None
             ray.train.report(metrics, checkpoint=ckpt)
+        # Logged once the epoch's checkpoint is committed, and at most once per step: an epoch redone after
+        # a restart does not add a second point to the per-epoch curves.
+        tracker.log_metrics_once(epoch_metrics, step)
 
     if rank == 0 and isinstance(tracker, MlflowTracker):
         _log_final_artifacts(tracker, manifest.labels, confusion if cfg.epochs > start_epoch else None)

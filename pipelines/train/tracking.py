@@ -119,6 +119,7 @@ def _log_dataset(mlflow_client, run_id: str, prefix: str, manifest) -> None:
 
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
 
@@ -126,6 +127,9 @@ class NullTracker:
     """What ranks other than 0 get: side effects happen on rank 0 only."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
@@ -143,6 +147,11 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
+        """Log unless the run already holds these metrics at `step` (a restart redoing an epoch)."""
+        if metrics and not any(s == step for s, _ in self.history(next(iter(metrics)))):
+            self.log_metrics(metrics, step)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path=artifact_path)

@@ -1,0 +1,70 @@
+"""Training resumes by itself when a worker dies: Ray Train restarts the worker group, the workers load
+the latest checkpoint and continue with the next epoch, and everything lands in the same MLflow run."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import mlflow
+import psutil
+import pytest
+
+from pipelines.config import load_config
+from pipelines.data.shards import read_manifest
+from pipelines.data.synthetic import SyntheticSpec, generate
+from pipelines.preprocess.job import PreprocessConfig
+from pipelines.preprocess.job import run as preprocess
+from pipelines.train.config import TrainConfig
+from pipelines.train.job import run as train
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 4
+
+
+def test_a_killed_training_worker_is_replaced_and_training_resumes(services, ray_session, tmp_path):
+    generate(tmp_path / "videos", SyntheticSpec(classes=4, videos_per_class=8, frames=16, size=48, seed=5))
+    dataset = tmp_path / "ds"
+    preprocess(load_config(PreprocessConfig, None, [
+        f"source={tmp_path}/videos/labels.csv", f"output={dataset}", "short_side=36", "fps=0",
+        "max_samples_per_shard=8", "val_fraction=0.25",
+    ]))
+    runs = tmp_path / "runs"
+    cfg = load_config(TrainConfig, None, [
+        f"dataset={dataset}", f"storage_path={runs}", "run_name=restart", "mlflow.experiment=restart",
+        "model=mvit_debug", f"epochs={EPOCHS}", "batch_size=4", "num_workers=2", "log_every_steps=1",
+        "clip.num_frames=8", "clip.sampling_rate=2", "clip.crop_size=32", "clip.train_crop=random",
+        "clip.horizontal_flip=false", "optim.lr_batch=8", "optim.warmup_epochs=1", "max_failures=1",
+    ])
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(result=train(cfg)))
+    job.start()
+
+    deadline = time.monotonic() + 240
+    # epoch 0 is done and its checkpoint registered by the controller (which then writes its snapshot)
+    while not (runs / "restart" / "checkpoint_manager_snapshot.json").exists():
+        assert time.monotonic() < deadline and job.is_alive(), "no checkpoint appeared"
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if p.is_running() and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::RayTrainWorker")]
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGKILL)
+    job.join(timeout=400)
+    assert not job.is_alive() and "result" in outcome
+
+    result = outcome["result"]
+    client = mlflow.MlflowClient(services.mlflow_uri)
+    experiment = client.get_experiment_by_name("restart")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [result.mlflow_run_id]
+    history = client.get_metric_history(result.mlflow_run_id, "val/top1")
+    # one value per epoch, steps increasing: the epoch in flight at the kill was redone, none twice
+    assert len(history) == EPOCHS
+    assert [m.step for m in history] == sorted({m.step for m in history})
+    assert result.metrics["epoch"] == EPOCHS - 1
+    # the replacement group started from the checkpoint, not from scratch: epoch 0's steps were not redone
+    steps_per_epoch = read_manifest(str(dataset)).split_samples("train") // (cfg.batch_size * cfg.num_workers)
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(1, EPOCHS * steps_per_epoch + 1))
+    assert all(steps.count(s) == 1 for s in range(1, steps_per_epoch + 1))
