@@ -4,7 +4,15 @@ whole integration suite; both are torn down (process groups killed) at the end o
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import boto3
@@ -68,3 +76,119 @@ def raw_videos_s3(services, s3, tmp_path_factory) -> dict:
         writer.writerows(rows)
     s3.upload_file(str(csv_path), "mvit", "raw/labels.csv")
     return {"csv": "s3://mvit/raw/labels.csv", "train": 64, "val": 16, "missing": 1, "local": Path(local)}
+
+
+# ---- Workflow, cluster and UI fixtures (issue 5) ------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW_CONFIG = REPO / "configs" / "workflow.yaml"
+WORKFLOW_ASSETS = ("raw_videos", "dataset", "checkpoint", "evaluation", "registered_model")
+
+
+class _Tee(io.TextIOBase):
+    """Write to several streams: keep a command's output for assertions and still show it in pytest's log."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def run_mvit(args) -> tuple[int, str, str]:
+    """`mvit ARGS` in this process (so it uses the session's Ray and servers): (exit code, stdout, stderr)."""
+    from pipelines.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(_Tee(out, sys.stdout)), redirect_stderr(_Tee(err, sys.stderr)):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def last_json_line(text: str, key: str) -> dict:
+    """The last line of `text` that is a JSON object holding `key` (a command's result line)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and key in value:
+                return value
+    raise AssertionError(f"no JSON line with {key!r} in the output:\n{text[-2000:]}")
+
+
+def dagster_counts(dagster_home: Path) -> dict:
+    """From Dagster's event log: materializations per asset, and the number of runs."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        counts = {key: len(instance.fetch_materializations(dg.AssetKey(key), limit=1000).records)
+                  for key in WORKFLOW_ASSETS}
+        counts["runs"] = instance.get_runs_count()
+    return counts
+
+
+@pytest.fixture(scope="session")
+def synthetic_workflow(services, ray_session, tmp_path_factory) -> dict:
+    """`mvit workflow run` on one tiny synthetic set (4 classes x 8 videos, mvit_debug, 1 epoch; shards and
+    checkpoints on the session's S3, runs in its MLflow) three times against one Dagster home: first, again
+    unchanged, then with one training key changed. Each invocation's summary line, wall time and
+    Dagster's materialization counts after it are kept for the tests."""
+    state = tmp_path_factory.mktemp("workflow")
+    # A prefix of its own: preprocessing names its scratch dirs after the output URI, which must not be the
+    # same as that of a concurrent test session on this machine (with its own S3 server).
+    prefix = f"s3://mvit/wf-{uuid.uuid4().hex[:8]}"
+    base = [
+        WORKFLOW_CONFIG, f"workflow.state_dir={state}", f"workflow.dataset={prefix}/dataset",
+        f"workflow.storage_path={prefix}/runs", "workflow.synthetic.classes=4",
+        "workflow.synthetic.videos_per_class=8", "preprocess.max_samples_per_shard=8", "train.epochs=1",
+        "train.batch_size=4", "train.mlflow.experiment=workflow-it", "register.model_name=workflow-it",
+    ]
+    invocations = {}
+    for name, extra in (("first", []), ("unchanged", []), ("train_key_changed", ["train.optim.lr=2e-3"])):
+        started = time.monotonic()
+        code, out, err = run_mvit(["workflow", "run", *base, *extra])
+        seconds = time.monotonic() - started
+        assert code == 0, f"`mvit workflow run` ({name}) exited {code}:\n{err[-3000:]}"
+        invocations[name] = {"summary": last_json_line(out, "materialized"), "seconds": seconds,
+                             "counts": dagster_counts(state / "dagster")}
+        print(f"[synthetic_workflow] {name}: {seconds:.1f}s, materialized {invocations[name]['summary']['materialized']}")
+    return {"state": state, "base": base, "dagster_home": state / "dagster", "invocations": invocations,
+            "dataset": f"{prefix}/dataset"}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium from Debian (`chromium`, `chromium-driver`), installed when it is missing."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:  # stale or missing package lists: refresh once, then retry
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env, timeout=900)
+        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, f"`{' '.join(install)}` failed (run it as root):\n{result.stderr[-2000:]}"
+    found = shutil.which("chromium")
+    assert found, "chromium was installed but is not on PATH"
+    return found
+
+
+@pytest.fixture(scope="session")
+def mvit_in_process():
+    """run_mvit: `mvit ARGS` in the test process -> (exit code, stdout, stderr)."""
+    return run_mvit
+
+
+@pytest.fixture(scope="session")
+def workflow_event_counts():
+    """dagster_counts: materializations per asset (and runs) in a Dagster home's event log."""
+    return dagster_counts

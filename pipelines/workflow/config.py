@@ -1,0 +1,194 @@
+"""The workflow's typed config: one YAML with a `workflow:` section and the stage sections.
+
+```yaml
+workflow:            # WorkflowSettings: where state lives, where the raw videos come from, where stages run
+  state_dir: .state/workflow
+  synthetic: {classes: 8, videos_per_class: 20}
+preprocess: {...}    # PreprocessConfig  (same keys as `mvit preprocess`)
+train: {...}         # TrainConfig
+evaluate: {...}      # EvaluateConfig
+register: {...}      # RegisterConfig
+```
+
+Overrides on the command line name the section first: `train.epochs=2`, `workflow.state_dir=/tmp/s`.
+The keys that connect one stage to the next (a stage's input is the upstream asset's output) are set by
+the workflow, never by the user: setting one is an error that says which workflow key to use instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import STAGE_SECTIONS, ConfigError, load_config
+from pipelines.data import storage
+from pipelines.evaluate.job import EvaluateConfig
+from pipelines.preprocess.job import PreprocessConfig
+from pipelines.register.job import RegisterConfig
+from pipelines.train.config import TrainConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "workflow.yaml"
+
+# Placeholder for keys whose value only exists once the upstream asset is materialized (checkpoint URI,
+# MLflow run id): the asset fills them in before its stage runs.
+FROM_UPSTREAM = "<set by the workflow from the upstream asset>"
+
+
+@dataclass
+class SyntheticSourceConfig:
+    """The synthetic motion set (pipelines/data/synthetic.py), generated when `workflow.source` is empty."""
+
+    classes: int = 8
+    videos_per_class: int = 20
+    frames: int = 16
+    size: int = 48
+    seed: int = 0
+
+
+@dataclass
+class WorkflowSettings:
+    state_dir: str = ".state/workflow"  # Dagster home (<state_dir>/dagster) and default data locations
+    dagster_home: str = ""  # "" = <state_dir>/dagster
+    source: str = ""  # raw videos (folder or annotation file, local or s3://); "" = generate the synthetic set
+    synthetic: SyntheticSourceConfig = field(default_factory=SyntheticSourceConfig)
+    raw_dir: str = ""  # where the synthetic set is written (local or s3://); "" = <state_dir>/raw
+    dataset: str = ""  # preprocessed dataset prefix (preprocess.output); "" = <state_dir>/dataset
+    storage_path: str = ""  # checkpoints (train.storage_path); "" = <state_dir>/runs
+    ray_address: str = ""  # "" = every stage in this process (embedded Ray); http://HEAD:8265 = each as a Ray job
+    working_dir: str = "."  # uploaded with each Ray job (cluster mode only)
+    job_timeout_s: int = 0  # cluster mode: give up waiting for a job after this long (0 = wait as long as it runs)
+
+    def resolved_dagster_home(self) -> Path:
+        return Path(self.dagster_home or Path(self.state_dir) / "dagster").absolute()
+
+    def _under_state(self, value: str, name: str) -> str:
+        if value:
+            return value
+        return str(Path(self.state_dir).absolute() / name)
+
+    def resolved_raw_dir(self) -> str:
+        return self._under_state(self.raw_dir, "raw")
+
+    def resolved_dataset(self) -> str:
+        return self._under_state(self.dataset, "dataset")
+
+    def resolved_storage_path(self) -> str:
+        return self._under_state(self.storage_path, "runs")
+
+    def source_uri(self) -> str:
+        """The annotation file or folder preprocess reads: the configured source or the synthetic CSV."""
+        return self.source or storage.join(self.resolved_raw_dir(), "labels.csv")
+
+
+@dataclass
+class WorkflowConfig:
+    settings: WorkflowSettings
+    preprocess: PreprocessConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig
+
+
+# Keys of each stage that the workflow sets (from workflow settings or from the upstream asset), and
+# the workflow key a user should set instead (None: it comes from the upstream asset).
+WIRED_KEYS: dict[str, dict[str, str | None]] = {
+    "preprocess": {"source": "workflow.source", "output": "workflow.dataset"},
+    "train": {"dataset": "workflow.dataset", "storage_path": "workflow.storage_path"},
+    "evaluate": {"dataset": "workflow.dataset", "checkpoint": None, "mlflow_run_id": None},
+    "register": {"dataset": "workflow.dataset", "checkpoint": None, "mlflow_run_id": None},
+}
+STAGE_CLASSES = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+                 "register": RegisterConfig}
+
+
+def _read_sections(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f"workflow config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(sorted(STAGE_SECTIONS))})")
+    unknown = set(data) - STAGE_SECTIONS
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)}; a workflow config holds the sections "
+            f"{sorted(STAGE_SECTIONS)} (stage keys go inside their stage's section)"
+        )
+    return data
+
+
+def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    by_section: dict[str, list[str]] = {name: [] for name in STAGE_SECTIONS}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, rest = key.partition(".")
+        if not sep or not dot or not rest:
+            raise ConfigError(f"override '{item}' must look like <section>.<key>=<value>, e.g. train.epochs=2")
+        if section not in STAGE_SECTIONS:
+            raise ConfigError(f"override '{item}': unknown section '{section}'; use one of {sorted(STAGE_SECTIONS)}")
+        by_section[section].append(f"{rest}={value}")
+    return by_section
+
+
+def _refuse_wired(stage: str, section: dict, overrides: list[str], origin: str) -> None:
+    for key, instead in WIRED_KEYS[stage].items():
+        given = key in (section or {}) or any(o.split("=", 1)[0] == key for o in overrides)
+        if given:
+            hint = f"set {instead} instead" if instead else "it is the output of the upstream asset"
+            raise ConfigError(f"{origin}: {stage}.{key} is set by the workflow ({hint}); remove it")
+
+
+def load_workflow_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WorkflowConfig:
+    """Every section of one YAML plus `<section>.<key>=value` overrides -> a WorkflowConfig."""
+    path = Path(path) if path is not None else None
+    sections = _read_sections(path)
+    by_section = _split_overrides(list(overrides or []))
+    origin = str(path) if path else "overrides"
+    # An empty section object keeps load_config on the section path even for a file with no sections.
+    settings = load_config(WorkflowSettings, path, by_section["workflow"], section="workflow")
+    wired = {
+        "preprocess": {"source": settings.source_uri(), "output": settings.resolved_dataset()},
+        "train": {"dataset": settings.resolved_dataset(), "storage_path": settings.resolved_storage_path()},
+        "evaluate": {"dataset": settings.resolved_dataset(), "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
+        "register": {"dataset": settings.resolved_dataset(), "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
+    }
+    stages = {}
+    for stage, cls in STAGE_CLASSES.items():
+        _refuse_wired(stage, sections.get(stage) or {}, by_section[stage], origin)
+        fill = [f"{key}={json.dumps(value)}" for key, value in wired[stage].items()]
+        stages[stage] = load_config(cls, path, [*by_section[stage], *fill], section=stage)
+    return WorkflowConfig(settings=settings, **stages)
+
+
+# What decides "unchanged" for a stage is the hash of its config without the keys the workflow wires in
+# (those are covered by the upstream asset's data version) and without where it runs (Ray address,
+# worker processes of preprocessing: they do not change the output). STAGE_LOGIC_VERSION is bumped by
+# hand when a stage's code changes what it produces, so that existing outputs are recomputed.
+STAGE_LOGIC_VERSION = {"raw_videos": 1, "preprocess": 1, "train": 1, "evaluate": 1, "register": 1}
+NOT_AFFECTING_OUTPUT = {"preprocess": ("num_workers", "cpus_per_task", "ray"), "train": ("ray",),
+                        "evaluate": (), "register": ()}
+
+
+def stage_hash(stage: str, cfg: Any) -> str:
+    data = dataclasses.asdict(cfg)
+    for key in (*WIRED_KEYS.get(stage, {}), *NOT_AFFECTING_OUTPUT.get(stage, ())):
+        data.pop(key, None)
+    payload = json.dumps({"stage": stage, "logic": STAGE_LOGIC_VERSION[stage], "config": data}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def source_hash(settings: WorkflowSettings) -> str:
+    """Config hash of the synthetic-set generator (where it writes and what it draws)."""
+    payload = json.dumps({"logic": STAGE_LOGIC_VERSION["raw_videos"], "raw_dir": settings.resolved_raw_dir(),
+                          "spec": dataclasses.asdict(settings.synthetic)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

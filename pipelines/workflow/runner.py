@@ -1,0 +1,224 @@
+"""`mvit workflow run`: bring the assets up to date against a persistent local Dagster instance.
+
+Assets are decided one at a time in dependency order; each one that needs it is materialized in its own
+in-process Dagster run (so a failure leaves the upstream materializations recorded, and a re-run or
+`--only <stage>` retries just what failed). What decides that an asset is unchanged and is skipped:
+  1. Dagster's stale status (the one behind "Materialize stale" in its UI) is FRESH: it was materialized
+     before with the code version it has now (= the config hash of its stage) and with the data versions
+     its inputs have now (the upstream assets' manifest digest / checkpoint URI / report hash, or the
+     observed fingerprint of the raw videos); and
+  2. the output recorded with that materialization still exists: manifest.json, the checkpoint file, the
+     evaluation metric in its MLflow run, the model version in the registry.
+Deciding after the upstream asset has run means an upstream re-run that produced the same data version
+(e.g. a resumed preprocessing) leaves everything downstream alone.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from pipelines.workflow.assets import ASSET_ORDER, STAGE_OF, build_definitions
+from pipelines.workflow.config import WorkflowConfig, WorkflowSettings
+
+ALIASES = {"source": "raw_videos", "raw": "raw_videos", **{stage: key for key, stage in STAGE_OF.items()}}
+# Dagster logs every event of a run at DEBUG to the console; the stages print their own progress.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+class WorkflowError(RuntimeError):
+    """A stage failed or the requested selection cannot run; the message says what to do."""
+
+
+def asset_names(names: list[str] | None) -> list[str]:
+    """Asset keys for `--only` values (asset names or stage names), in dependency order."""
+    if not names:
+        return list(ASSET_ORDER)
+    wanted = set()
+    for name in names:
+        for part in name.split(","):
+            key = ALIASES.get(part.strip(), part.strip())
+            if key not in ASSET_ORDER:
+                raise WorkflowError(f"--only {part!r}: unknown asset or stage; use one of "
+                                    f"{', '.join(ASSET_ORDER)} or {', '.join(STAGE_OF.values())}")
+            wanted.add(key)
+    return [key for key in ASSET_ORDER if key in wanted]
+
+
+def open_instance(settings: WorkflowSettings) -> dg.DagsterInstance:
+    """The persistent local instance (SQLite event log, run and schedule storage) under the Dagster home;
+    `DAGSTER_HOME=<that dir> dagster dev -m pipelines.workflow` shows the same history."""
+    home = settings.resolved_dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("# written by `mvit workflow run`\ntelemetry:\n  enabled: false\n")
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def stale_status(instance: dg.DagsterInstance, defs: dg.Definitions, key: str) -> tuple[str, list[str]]:
+    """Dagster's own stale status of one asset and the reasons behind it."""
+    # Internal API: the resolver Dagster's UI and `RunRequest(stale_assets_only=True)` use; there is no
+    # public entry point for it outside sensors/schedules (Dagster 1.x, pinned in constraints.txt).
+    from dagster._core.asset_graph_view.asset_graph_view import (
+        AssetGraphView,
+        TemporalContext,
+    )
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    graph = defs.resolve_asset_graph()
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=graph)
+    resolver = CachingStaleStatusResolver(instance, graph, view)
+    asset_key = dg.AssetKey(key)
+    status = resolver.get_status(asset_key)
+    reasons = []
+    for cause in resolver.get_stale_causes(asset_key):
+        dependency = f" ({cause.dependency.asset_key.to_user_string()})" if cause.dependency else ""
+        reasons.append(f"{cause.reason}{dependency}")
+    return status.value, reasons
+
+
+def _metadata(instance: dg.DagsterInstance, key: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(key))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {name: value.value for name, value in event.asset_materialization.metadata.items()}
+
+
+def missing_output(instance: dg.DagsterInstance, key: str) -> str | None:
+    """Why the output recorded with the latest materialization is gone, or None when it is still there."""
+    from pipelines.data import storage
+
+    meta = _metadata(instance, key)
+    if key == "raw_videos":
+        uri = meta.get("labels_csv")
+        return None if uri is None or storage.exists(uri) else f"{uri} is gone"
+    if key == "dataset":
+        return None if storage.exists(meta["manifest"]) else f"{meta['manifest']} is gone"
+    if key == "checkpoint":
+        return None if storage.exists(meta["checkpoint_file"]) else f"{meta['checkpoint_file']} is gone"
+
+    import mlflow
+
+    from pipelines.train import tracking
+
+    tracking.check_server(meta["tracking_uri"])
+    client = mlflow.MlflowClient(meta["tracking_uri"])
+    if key == "evaluation":
+        try:
+            metrics = client.get_run(meta["mlflow_run_id"]).data.metrics
+        except mlflow.exceptions.MlflowException:
+            return f"MLflow run {meta['mlflow_run_id']} is gone"
+        return None if meta["metric_key"] in metrics else f"run {meta['mlflow_run_id']} has no {meta['metric_key']}"
+    try:
+        client.get_model_version(meta["model_name"], str(meta["version"]))
+    except mlflow.exceptions.MlflowException:
+        return f"model version {meta['model_name']} v{meta['version']} is gone from the registry"
+    return None
+
+
+def observe_source(instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
+    """Record the raw videos' current fingerprint (observable source asset) before deciding on `dataset`."""
+    job = dg.define_asset_job("observe_raw_videos", selection=dg.AssetSelection.keys("raw_videos"))
+    observe_defs = dg.Definitions(assets=list(defs.assets or []), jobs=[job], resources=defs.resources)
+    result = observe_defs.resolve_job_def("observe_raw_videos").execute_in_process(
+        instance=instance, run_config=QUIET_RUN_CONFIG, raise_on_error=False)
+    if not result.success:
+        raise WorkflowError(f"observing the raw videos failed: {_failure(result)}")
+
+
+def _failure(result) -> str:
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        if error is not None:
+            # the stage's own exception, not Dagster's wrapper around it
+            while error.cause is not None and error.cls_name in ("DagsterExecutionStepExecutionError",):
+                error = error.cause
+            return error.message.strip()
+    return "see the Dagster run's event log"
+
+
+def run_workflow(cfg: WorkflowConfig, only: list[str] | None = None, force: bool = False,
+                 config_path: str | None = None) -> dict:
+    with open_instance(cfg.settings) as instance:
+        return _run(instance, cfg, only, force, config_path)
+
+
+def _run(instance: dg.DagsterInstance, cfg: WorkflowConfig, only: list[str] | None, force: bool,
+         config_path: str | None) -> dict:
+    defs = build_definitions(cfg)
+    assets = list(defs.assets or [])
+    graph = defs.resolve_asset_graph()
+    selected = asset_names(only)
+    observable = bool(cfg.settings.source)
+    summary: dict = {"dagster_home": str(cfg.settings.resolved_dagster_home()), "materialized": [], "skipped": {},
+                     "runs": {}, "seconds": {}}
+    retry_hint = f"mvit workflow run {config_path or 'CONFIG'} --only"
+    if observable and "dataset" in selected:
+        observe_source(instance, defs)
+    for key in ASSET_ORDER:
+        if key not in selected or (key == "raw_videos" and observable):
+            continue
+        for upstream in sorted(k.to_user_string() for k in graph.get(dg.AssetKey(key)).parent_keys):
+            produced_here = upstream in selected or (upstream == "raw_videos" and observable)
+            if not produced_here and instance.get_latest_materialization_event(dg.AssetKey(upstream)) is None:
+                raise WorkflowError(f"{key} needs {upstream}, which has never been materialized in "
+                                    f"{summary['dagster_home']}: run the workflow without --only first")
+        status, reasons = stale_status(instance, defs, key)
+        if force:
+            why = "--force"
+        elif status in ("MISSING", "STALE"):
+            why = "never materialized" if status == "MISSING" else "; ".join(reasons) or "stale"
+        else:
+            why = missing_output(instance, key)
+        if why is None:
+            summary["skipped"][key] = "up to date: same config hash and input data versions, output present"
+            print(f"[workflow] {key}: up to date, skipped", flush=True)
+            continue
+        print(f"[workflow] {key}: {why} -> materializing", flush=True)
+        started = time.monotonic()
+        result = dg.materialize(assets, instance=instance, selection=[key], resources=defs.resources,
+                                run_config=QUIET_RUN_CONFIG, raise_on_error=False,
+                                tags={"mvit/workflow": "run", "mvit/reason": why[:200]})
+        summary["runs"][key] = result.run_id
+        summary["seconds"][key] = round(time.monotonic() - started, 1)
+        if not result.success:
+            stage = STAGE_OF.get(key, key)
+            raise WorkflowError(f"{key} ({stage}) failed in Dagster run {result.run_id}: {_failure(result)}\n"
+                                f"Fix the cause, then retry it alone: {retry_hint} {stage} (plus the same overrides)")
+        summary["materialized"].append(key)
+        print(f"[workflow] {key}: materialized in {summary['seconds'][key]:.1f}s (run {result.run_id})", flush=True)
+    summary.update(latest_outputs(instance))
+    return summary
+
+
+def latest_outputs(instance: dg.DagsterInstance) -> dict:
+    """The headline numbers of the latest materializations (for the command's JSON line)."""
+    out = {}
+    evaluation = _metadata(instance, "evaluation")
+    if evaluation:
+        out["val_top1"] = evaluation.get("top1")
+        out["mlflow_run_id"] = evaluation.get("mlflow_run_id")
+    registered = _metadata(instance, "registered_model")
+    if registered:
+        out["model_uri"] = registered.get("model_uri")
+    dataset = _metadata(instance, "dataset")
+    if dataset:
+        out["dataset_digest"] = dataset.get("digest")
+    return out
+
+
+def dagster_dev_hint(settings: WorkflowSettings, config_path: str | None, overrides: list[str] | None = None) -> str:
+    """The `dagster dev` command that shows this workflow (same home, config and overrides)."""
+    env = f"DAGSTER_HOME={shlex.quote(str(settings.resolved_dagster_home()))}"
+    if config_path:
+        env += f" MVIT_WORKFLOW_CONFIG={shlex.quote(str(Path(config_path).absolute()))}"
+    if overrides:
+        env += f" MVIT_WORKFLOW_OVERRIDES={shlex.quote(shlex.join(overrides))}"
+    return f"{env} dagster dev -m pipelines.workflow"
+

@@ -1,0 +1,104 @@
+"""Run one stage for an asset: in this process, or as a Ray job on the cluster in `workflow.ray_address`.
+
+In-process, a stage uses the Ray this process is connected to (or starts an embedded one, see
+pipelines/raycluster.py). As a Ray job, the stage is the same `mvit <stage>` command a user would submit
+(`python -m pipelines.cli <stage> key=value ...` with the effective config spelled out as overrides), run
+through the submit client of `mvit submit`; its result is the JSON line the command prints last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.config import print_effective
+from pipelines.workflow.config import WorkflowSettings
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message names the stage, where it ran and the end of its log."""
+
+
+def config_overrides(cfg: Any) -> list[str]:
+    """A typed config as `dotted.key=<JSON value>` overrides that load back to an equal config
+    (JSON is valid YAML, which OmegaConf's dotlist parser reads: strings stay quoted strings)."""
+
+    def walk(data: dict, prefix: str):
+        for key, value in data.items():
+            if isinstance(value, dict) and value:
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={json.dumps(value)}"
+
+    return list(walk(dataclasses.asdict(cfg), ""))
+
+
+def last_json_object(logs: str) -> dict:
+    """The result line a stage command prints last (one JSON object on one line)."""
+    for line in reversed(logs.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    raise StageError("the job finished but printed no JSON result line; see its log")
+
+
+def _preprocess(cfg) -> dict:
+    from pipelines.preprocess.job import run
+
+    manifest = run(cfg)
+    return {"output": cfg.output, "num_samples": manifest.num_samples, "quarantined": manifest.quarantined,
+            "shards": len(manifest.shards)}
+
+
+def _train(cfg) -> dict:
+    from pipelines.train.job import run
+
+    return run(cfg).as_dict()
+
+
+def _evaluate(cfg) -> dict:
+    from pipelines.evaluate.job import run
+
+    return run(cfg)
+
+
+def _register(cfg) -> dict:
+    from pipelines.register.job import run
+
+    return run(cfg)
+
+
+# The same result dicts the `mvit <stage>` commands print, so both ways of running give the asset one shape.
+IN_PROCESS: dict[str, Callable[[Any], dict]] = {
+    "preprocess": _preprocess, "train": _train, "evaluate": _evaluate, "register": _register,
+}
+
+
+def run_as_ray_job(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
+    from pipelines.commands import submit
+
+    args = [stage, *config_overrides(cfg)]
+    client = submit.connect(settings.ray_address)
+    job_id = submit.submit_job(client, args, working_dir=settings.working_dir,
+                               metadata={"mvit.workflow_stage": stage})
+    print(f"[workflow] {stage}: Ray job {job_id} on {settings.ray_address}", flush=True)
+    status = submit.follow(client, job_id, timeout_s=settings.job_timeout_s or None)
+    logs = client.get_job_logs(job_id)
+    if status != "SUCCEEDED":
+        raise StageError(f"{stage} as Ray job {job_id} on {settings.ray_address} ended {status}:\n"
+                         f"{submit.job_message(client, job_id)}\n--- last lines of its log ---\n{submit.tail(logs)}")
+    return last_json_object(logs)
+
+
+def run_stage(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
+    print_effective(stage, cfg)
+    if settings.ray_address:
+        return run_as_ray_job(stage, cfg, settings)
+    return IN_PROCESS[stage](cfg)
