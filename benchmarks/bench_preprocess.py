@@ -190,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out_dir = ROOT / "bench-out" / "preprocess-src"
     csv = make_sources(out_dir, args.videos)
-    source_bytes = sum(f.stat().st_size for f in out_dir.rglob("*.mp4"))
+    listed = [line.split(",")[0] for line in csv.read_text().splitlines()[1:]]
+    source_bytes = sum((out_dir / rel).stat().st_size for rel in listed)
 
     import ray
 
-    from pipelines.raycluster import runtime_env
+    from pipelines.raycluster import RayConfig, ensure_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env(), log_to_driver=False)
+    ensure_ray(RayConfig(num_cpus=2))
     # Warm-up job (not timed): on a cluster, worker processes are up before a long job gets going.
     ray_job(make_sources(ROOT / "bench-out" / "preprocess-warmup", 4, frames=30, size=(108, 192)), 2)
     times: dict[str, list[float]] = {"loop": [], "ray_1": [], "ray_2": []}

@@ -34,13 +34,20 @@ def main(argv: list[str]) -> int:
         name = script.stem.removeprefix("bench_")
         print(f"== {script.name}", flush=True)
         started = time.monotonic()
+        result_file = OUT / f"{name}.json"
+        result_file.unlink(missing_ok=True)  # a failed run must not leave an older result looking current
         proc = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
         sys.stdout.write(proc.stdout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if lines:
-            (OUT / f"{name}.json").write_text(json.dumps(json.loads(lines[-1]), indent=1) + "\n")
+        ok = proc.returncode == 0
+        try:
+            if lines:
+                result_file.write_text(json.dumps(json.loads(lines[-1]), indent=1) + "\n")
+        except json.JSONDecodeError:
+            ok = False
+            print(f"{script.name}: its last line is not JSON", file=sys.stderr)
         print(f"== {script.name}: exit {proc.returncode} in {time.monotonic() - started:.0f}s", flush=True)
-        if proc.returncode:
+        if not ok:
             failed.append(script.name)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)

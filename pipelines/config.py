@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TypeVar
 
 import yaml
@@ -101,13 +102,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def redact(value: Any) -> Any:
+    """A URI's password replaced by *** (e.g. mlflow.tracking_uri=postgresql://user:secret@db/mlflow),
+    recursively through dicts and lists: what is printed or logged never carries one."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str) and "://" in value and "@" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            host = parts.netloc.rsplit("@", 1)[1]
+            return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return value
+
+
 def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as printed and logged (passwords in URIs redacted)."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
-    """Dotted keys -> string values, the shape MLflow params want."""
-    data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    """Dotted keys -> string values, the shape MLflow params want (passwords in URIs redacted)."""
+    data = redact(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
     out: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# Environment a Ray worker needs to reach the same storage and tracking server as the driver.
-# Credentials are forwarded through the runtime env (process environment), never logged.
+# Settings a Ray worker on a *cluster* needs to reach the same storage and tracking server as the driver.
+# Credentials are deliberately not among them: a runtime env is shown in plain text by the Ray dashboard
+# and the Jobs API, so cluster nodes get theirs from an instance role or a Kubernetes Secret (infra/).
+# Workers of an embedded Ray inherit the driver's whole environment anyway.
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "MLFLOW_TRACKING_URI",
@@ -36,7 +35,7 @@ def forwarded_env() -> dict[str, str]:
 
 
 def runtime_env() -> dict:
-    """The runtime env every job of ours runs with: storage/tracking settings of the driver, no secrets logged."""
+    """The runtime env every job of ours runs with: storage/tracking settings of the driver, no secrets."""
     return {"env_vars": {**WORKER_ENV, **forwarded_env()}}
 
 
@@ -54,6 +53,6 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls: without
     # it the driver log fills with "Failed to query Ray Train Controller actor state" warnings.
-    context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, **kwargs)
+    context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     if context.dashboard_url:
         print(f"[ray] embedded Ray started; dashboard at http://{context.dashboard_url}", flush=True)

@@ -63,7 +63,8 @@ class FaultyS3Proxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # a HEAD answer has headers only
+                        self.wfile.write(payload)
                     return
                 self._forward(body)
 
@@ -78,7 +79,9 @@ class FaultyS3Proxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
+                # HEAD: the object's length as upstream reported it (there is no body to measure)
+                length = response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(payload))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)

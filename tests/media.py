@@ -40,8 +40,9 @@ def rotated(degrees: int, frames: int = 6, height: int = 32, width: int = 64) ->
     return buffer.getvalue()
 
 
-def variable_frame_rate(times_s: list[float], height: int = 32, width: int = 48) -> bytes:
-    """Frames shown at irregular times (a phone dropping frames under load)."""
+def variable_frame_rate(times_s: list[float], height: int = 32, width: int = 48, brightness_steps: bool = False) -> bytes:
+    """Frames shown at irregular times (a phone dropping frames under load). With `brightness_steps`,
+    frame k is a flat image of brightness 30 * k, so a decoded frame tells which source frame it is."""
     buffer = io.BytesIO()
     time_base = Fraction(1, 1000)
     with av.open(buffer, "w", format="mp4") as container:
@@ -49,7 +50,10 @@ def variable_frame_rate(times_s: list[float], height: int = 32, width: int = 48)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.time_base = time_base
         stream.options = {"bf": "0"}
-        for t, array in zip(times_s, pattern(len(times_s), height, width)):
+        frames = pattern(len(times_s), height, width)
+        if brightness_steps:
+            frames = np.stack([np.full((height, width, 3), 30 * k, np.uint8) for k in range(len(times_s))])
+        for t, array in zip(times_s, frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
             frame.pts, frame.time_base = int(round(t * 1000)), time_base
             for packet in stream.encode(frame):

@@ -70,16 +70,11 @@ def _shard_samples(reader: _HashingReader):
 
 def _decode_media(media_key: str, data: bytes) -> int:
     """Decode a sample's media; the number of frames it holds (1 for an image)."""
-    from pipelines.data.video import VideoError, decode
+    from pipelines.data.images import decode_image
+    from pipelines.data.video import decode
 
     if media_key == IMAGE_KEY:
-        import torch
-        from torchvision.io import decode_image
-
-        try:
-            decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        except RuntimeError as exc:
-            raise VideoError("undecodable image", str(exc).splitlines()[0]) from None
+        decode_image(data)
         return 1
     return decode(data).frames.shape[0]
 
@@ -113,10 +108,14 @@ def verify(prefix: str, decode_fraction: float = 0.05, seed: int = 0) -> dict:
                 if missing:
                     problems.append(f"{shard.url}/{key}: missing field(s) {sorted(missing)}")
                     continue
-                classes = [int(c) for c in fields["cls"].split(b",")]
+                try:
+                    classes = [int(c) for c in fields["cls"].split(b",")]
+                    meta = json.loads(fields["json"])
+                except (ValueError, UnicodeDecodeError) as exc:
+                    problems.append(f"{shard.url}/{key}: unreadable cls or json ({exc})")
+                    continue
                 if not set(classes) <= ids:
                     problems.append(f"{shard.url}/{key}: cls {fields['cls'].decode()} is not in the label map")
-                meta = json.loads(fields["json"])
                 # the first sample of every shard, then a random share of the rest
                 if position == 0 or rng.random() < (wanted - 1) / max(1, shard.num_samples - 1):
                     try:

@@ -94,6 +94,10 @@ def check_reachable(uri: str, *, create_bucket: bool = False) -> None:
         raise StorageError(f"S3 refused access to bucket '{bucket}' of {uri}: {exc}") from None
 
 
+def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
 def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -101,7 +105,7 @@ def exists(uri: str) -> bool:
             s3_client().head_object(Bucket=bucket, Key=key)
             return True
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _is_missing(exc):
                 return False
             raise
     return local_path(uri).exists()
@@ -120,7 +124,7 @@ def _get_object(uri: str):
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
     except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if _is_missing(exc):
             raise FileNotFoundError(f"{uri} does not exist") from None
         raise
 

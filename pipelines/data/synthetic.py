@@ -78,13 +78,13 @@ def _write_video(out: str, name: str, label: int, i: int, spec: SyntheticSpec) -
 
 def generate(out_dir: str | Path, spec: SyntheticSpec, workers: int | None = None) -> Path:
     """Write `<out>/<class>/<class>_<i>.mp4` plus `<out>/labels.csv` (path,label). Returns the CSV path.
-    Videos are rendered in `workers` processes (default: one per core); the bytes do not depend on it."""
+    Videos are rendered in `workers` processes (default: one per core this process may use); the bytes do not depend on it."""
     out = Path(out_dir)
     names = class_names(spec.classes)
     for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), name, label, i, spec) for label, name in enumerate(names) for i in range(spec.videos_per_class)]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))
     if workers > 1 and len(jobs) > 32:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             paths = list(pool.map(_write_video, *zip(*jobs), chunksize=16))

@@ -6,7 +6,10 @@ linger until the garbage collector runs are what makes long preprocessing jobs g
 
 from __future__ import annotations
 
+import contextlib
 import io
+import statistics
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -24,13 +27,23 @@ class VideoError(ValueError):
 
 
 @dataclass
+class SourceInfo:
+    """What decoding learns about a source (filled in at its first frame)."""
+
+    fps: float = 0.0  # the stream's average rate (nominal; frame times are the truth for VFR sources)
+    source_width: int = 0  # as displayed (after rotation)
+    source_height: int = 0
+    rotation: int = 0  # counter-clockwise degrees of the display matrix (0, 90, 180, 270)
+
+
+@dataclass
 class DecodedVideo:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB, upright (display rotation applied)
     times: np.ndarray  # (T,) presentation time of each frame in seconds (variable frame rate kept)
-    fps: float  # the stream's average rate (nominal; `times` is the truth for VFR sources)
-    source_width: int  # as displayed (after rotation)
+    fps: float
+    source_width: int
     source_height: int
-    rotation: int  # counter-clockwise degrees of the source's display matrix (0, 90, 180, 270)
+    rotation: int
 
 
 def target_size(width: int, height: int, short_side: int, min_short_side: int) -> tuple[int, int]:
@@ -44,6 +57,80 @@ def target_size(width: int, height: int, short_side: int, min_short_side: int) -
     return new_w, new_h
 
 
+def _open(data: bytes):
+    if not data:
+        raise VideoError("empty file")
+    try:
+        return av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise VideoError("undecodable", str(exc)) from None
+
+
+def iter_frames(
+    data: bytes,
+    info: SourceInfo,
+    *,
+    short_side: int = 0,
+    min_short_side: int = 0,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    threads: int = 0,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """(time in seconds, upright RGB frame resized with swscale) for every frame in [start_s, end_s).
+
+    One frame at a time, so a consumer that streams (transcode) holds one frame, not the video. With
+    `start_s` the demuxer first seeks to the keyframe before it, so a segment late in a long movie costs
+    one GOP of extra decoding, not the whole prefix. `threads` sizes FFmpeg's frame/slice threading (0:
+    its own choice; preprocessing passes the CPUs Ray reserved for the task). Phones store portrait video
+    as landscape frames plus a display matrix; FFmpeg reports it per frame (`VideoFrame.rotation`,
+    counter-clockwise degrees) and the frames are turned upright here, as a player shows them.
+    A truncated tail ends the iteration after the frames that did decode. `info` is filled in at the
+    first frame. The container is closed when the iterator ends or is closed.
+    """
+    with _open(data) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream", f"streams: {[s.type for s in container.streams]}")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.thread_count = threads
+        if start_s and stream.time_base:
+            container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+        info.fps = float(stream.average_rate or stream.guessed_rate or Fraction(30))
+        size: tuple[int, int] | None = None  # decoded (pre-rotation) width, height
+        count = 0
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except av.error.FFmpegError as exc:
+                if not count:
+                    raise VideoError("undecodable", str(exc)) from None
+                return  # keep what decoded before the damage
+            t = frame.time if frame.time is not None else count / info.fps
+            if start_s is not None and t < start_s:
+                continue
+            if end_s is not None and t >= end_s:
+                return
+            if size is None:
+                rotation = int(frame.rotation or 0) % 360
+                if rotation % 90:
+                    raise VideoError("unsupported rotation", f"display matrix rotates by {rotation} degrees")
+                turned = rotation in (90, 270)
+                info.rotation = rotation
+                info.source_width, info.source_height = (frame.height, frame.width) if turned else (frame.width, frame.height)
+                out_w, out_h = (target_size(info.source_width, info.source_height, short_side, min_short_side)
+                                if short_side else (info.source_width, info.source_height))
+                size = (out_h, out_w) if turned else (out_w, out_h)
+            array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+            if info.rotation:
+                array = np.ascontiguousarray(np.rot90(array, k=info.rotation // 90))
+            count += 1
+            yield float(t), array
+
+
 def decode(
     data: bytes,
     *,
@@ -54,66 +141,161 @@ def decode(
     max_frames: int = 0,
     threads: int = 0,
 ) -> DecodedVideo:
-    """Decode every frame (optionally only [start_s, end_s)), resized with swscale on the way.
-
-    With `start_s`, the demuxer first seeks to the keyframe before it, so a clip late in a long video
-    costs one GOP of extra decoding, not the whole prefix. `threads` sizes FFmpeg's frame/slice
-    threading (0: as many as it likes; preprocessing passes the CPUs Ray reserved for the task).
-
-    Phones store portrait video as landscape frames plus a display matrix; FFmpeg reports it per frame
-    (`VideoFrame.rotation`, counter-clockwise degrees) and the frames are turned upright here, so stored
-    samples look the way a player shows them.
-    """
-    if not data:
-        raise VideoError("empty file")
-    try:
-        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoError("undecodable", str(exc)) from None
-    with container:
-        if not container.streams.video:
-            raise VideoError("no video stream", f"streams: {[s.type for s in container.streams]}")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if threads:
-            stream.thread_count = threads
-        if start_s and stream.time_base:
-            container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
-        rate = stream.average_rate or stream.guessed_rate or Fraction(30)
-        fps = float(rate)
-        frames: list[np.ndarray] = []
-        times: list[float] = []
-        size: tuple[int, int] | None = None  # decoded (pre-rotation) width, height
-        src_w = src_h = rotation = 0
-        try:
-            for frame in container.decode(stream):
-                t = frame.time if frame.time is not None else len(frames) / fps
-                if start_s is not None and t < start_s:
-                    continue
-                if end_s is not None and t >= end_s:
-                    break
-                if size is None:
-                    rotation = int(frame.rotation or 0) % 360
-                    if rotation % 90:
-                        raise VideoError("unsupported rotation", f"display matrix rotates by {rotation} degrees")
-                    turned = rotation in (90, 270)
-                    src_w, src_h = (frame.height, frame.width) if turned else (frame.width, frame.height)
-                    out_w, out_h = target_size(src_w, src_h, short_side, min_short_side) if short_side else (src_w, src_h)
-                    size = (out_h, out_w) if turned else (out_w, out_h)
-                array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
-                if rotation:
-                    array = np.ascontiguousarray(np.rot90(array, k=rotation // 90))
-                frames.append(array)
-                times.append(float(t))
-                if max_frames and len(frames) >= max_frames:
-                    break
-        except av.error.FFmpegError as exc:
-            if not frames:
-                raise VideoError("undecodable", str(exc)) from None
-            # A truncated tail still gives usable frames; keep what decoded.
+    """Every frame of [start_s, end_s) in memory (see `iter_frames`); at most `max_frames`."""
+    info = SourceInfo()
+    frames, times = [], []
+    with contextlib.closing(iter_frames(data, info, short_side=short_side, min_short_side=min_short_side,
+                                        start_s=start_s, end_s=end_s, threads=threads)) as timed:
+        for t, array in timed:
+            frames.append(array)
+            times.append(t)
+            if max_frames and len(frames) >= max_frames:
+                break
     if not frames:
         raise VideoError("no frames", "the video stream decoded to zero frames")
-    return DecodedVideo(np.stack(frames), np.asarray(times), fps, src_w, src_h, rotation)
+    return DecodedVideo(np.stack(frames), np.asarray(times), info.fps, info.source_width, info.source_height,
+                        info.rotation)
+
+
+def resample_stream(timed: Iterable[tuple[float, np.ndarray]], dst_fps: float) -> Iterator[np.ndarray]:
+    """Frames on a constant `dst_fps` grid from frames shown at their times (variable frame rate
+    allowed): each grid point takes the frame on screen at that moment (dropping or repeating frames), as
+    the decoders of the official recipes do when they sample at a target frame rate. The last frame stays
+    on screen for one typical (median) frame interval. Streams: holds one frame. `dst_fps=0` passes the
+    frames through unchanged."""
+    current: np.ndarray | None = None
+    start = last = 0.0
+    intervals: list[float] = []
+    emitted = 0
+    for t, frame in timed:
+        if not dst_fps:
+            yield frame
+            continue
+        if current is None:
+            start = t
+        else:
+            intervals.append(t - last)
+            while start + emitted / dst_fps + 1e-6 < t:  # grid points before this frame show the previous one
+                yield current
+                emitted += 1
+        current, last = frame, t
+    if current is None or not dst_fps:
+        return
+    end = last + (statistics.median(intervals) if intervals else 1.0 / dst_fps)
+    for _ in range(max(1, round((end - start) * dst_fps)) - emitted):
+        yield current
+
+
+def resample_fps(frames: np.ndarray, times: np.ndarray, dst_fps: float) -> np.ndarray:
+    """`resample_stream` over frames already in memory."""
+    if not dst_fps or len(frames) == 0:
+        return frames
+    return np.stack(list(resample_stream(zip(times.tolist(), frames), dst_fps)))
+
+
+CODECS = ("h264", "mjpeg")
+INTRA_ONLY_CODECS = ("mjpeg",)  # every frame decodes on its own: no need to decode the ones in between
+
+
+class Mp4Encoder:
+    """Frames in, MP4 bytes out; deterministic for the same frames (reproducible shard sha256).
+
+    h264: a short GOP (`gop` frames, no B-frames) so that a clip needs little decoding before its first
+    frame; x264 runs single-threaded because its output depends on the thread count (and preprocessing
+    runs one video per CPU anyway). mjpeg: every frame a JPEG (quality `qscale`, 2 best .. 31 worst):
+    random access is free, at several times the bytes. The size is taken from the first frame (cropped
+    to even numbers for 4:2:0 chroma).
+    """
+
+    def __init__(self, fps: float, *, codec: str = "h264", crf: int = 23, gop: int = 16,
+                 preset: str = "veryfast", qscale: int = 5):
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; use one of {CODECS}")
+        self.buffer = io.BytesIO()
+        self.container = av.open(self.buffer, mode="w", format="mp4")
+        rate = Fraction(fps).limit_denominator(1001)
+        if codec == "h264":
+            self.stream = self.container.add_stream("libx264", rate=rate)
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "bf": "0", "threads": "1"}
+        else:
+            self.stream = self.container.add_stream("mjpeg", rate=rate)
+            self.stream.pix_fmt = "yuvj420p"
+            self.stream.options = {"qmin": str(qscale), "qmax": str(qscale)}
+        self.frames = 0
+        self.height = self.width = 0
+
+    def write(self, array: np.ndarray) -> None:
+        if not self.frames:
+            self.height, self.width = array.shape[0] // 2 * 2, array.shape[1] // 2 * 2
+            self.stream.width, self.stream.height = self.width, self.height
+        array = array[: self.height, : self.width]
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def finish(self) -> bytes:
+        try:
+            if self.frames:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+        finally:
+            self.container.close()
+        return self.buffer.getvalue()
+
+
+def encode_mp4(frames: np.ndarray, fps: float, **options) -> bytes:
+    """Frames in memory -> MP4 bytes (see Mp4Encoder for `options`)."""
+    encoder = Mp4Encoder(fps, **options)
+    for array in frames:
+        encoder.write(array)
+    return encoder.finish()
+
+
+def transcode(
+    data: bytes,
+    *,
+    short_side: int,
+    min_short_side: int = 0,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    fps: float = 0.0,
+    max_frames: int = 0,
+    threads: int = 0,
+    **encoder_options,
+) -> tuple[bytes, dict]:
+    """decode -> trim -> upright -> resize -> constant fps -> re-encode, one frame at a time, so memory
+    stays that of a frame whatever the length of the video. Returns the MP4 bytes and what the sample
+    json records about them. Raises VideoError for unusable input."""
+    info = SourceInfo()
+    encoder: Mp4Encoder | None = None
+    timed = iter_frames(data, info, short_side=short_side, min_short_side=min_short_side, start_s=start_s,
+                        end_s=end_s, threads=threads)
+    try:
+        with contextlib.closing(timed):
+            for array in resample_stream(timed, fps):
+                if encoder is None:
+                    encoder = Mp4Encoder(fps or info.fps, **encoder_options)
+                encoder.write(array)
+                if max_frames and encoder.frames >= max_frames:
+                    break
+    except BaseException:
+        if encoder is not None:
+            encoder.container.close()
+        raise
+    if encoder is None:
+        raise VideoError("no frames", "the video stream decoded to zero frames")
+    media = encoder.finish()
+    return media, {
+        "fps": fps or info.fps,
+        "frames": encoder.frames,
+        "height": encoder.height,
+        "width": encoder.width,
+        "source_fps": info.fps,
+        "source_width": info.source_width,
+        "source_height": info.source_height,
+        "rotation": info.rotation,
+    }
 
 
 def decode_frames(data: bytes, indices, *, threads: int = 0) -> np.ndarray:
@@ -125,14 +307,8 @@ def decode_frames(data: bytes, indices, *, threads: int = 0) -> np.ndarray:
     codecs (mjpeg) the packets in between are not decoded at all.
     """
     wanted = sorted({int(i) for i in indices})
-    if not data:
-        raise VideoError("empty file")
-    try:
-        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoError("undecodable", str(exc)) from None
     got: dict[int, np.ndarray] = {}
-    with container:
+    with _open(data) as container:
         if not container.streams.video:
             raise VideoError("no video stream")
         stream = container.streams.video[0]
@@ -175,62 +351,6 @@ def decode_frames(data: bytes, indices, *, threads: int = 0) -> np.ndarray:
     # indices past the end (or lost to a damaged tail) take the nearest earlier frame
     pick = {i: got[available[max(0, np.searchsorted(available, i, side="right") - 1)]] for i in wanted}
     return np.stack([pick[int(i)] for i in indices])
-
-
-CODECS = ("h264", "mjpeg")
-INTRA_ONLY_CODECS = ("mjpeg",)  # every frame decodes on its own: no need to decode the ones in between
-
-
-def encode_mp4(
-    frames: np.ndarray, fps: float, *, codec: str = "h264", crf: int = 23, gop: int = 16,
-    preset: str = "veryfast", qscale: int = 5,
-) -> bytes:
-    """Frames -> MP4 bytes, deterministic for the same frames (reproducible shard sha256).
-
-    h264: a short GOP (`gop` frames, no B-frames) so that a clip needs little decoding before its first
-    frame; x264 runs single-threaded because its output depends on the thread count (and preprocessing
-    runs one video per CPU anyway). mjpeg: every frame a JPEG (quality `qscale`, 2 best .. 31 worst):
-    random access is free, at several times the bytes.
-    """
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; use one of {CODECS}")
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        frames = frames[:, : height - height % 2, : width - width % 2]
-        height, width = frames.shape[1:3]
-    buffer = io.BytesIO()
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(buffer, mode="w", format="mp4") as container:
-        if codec == "h264":
-            stream = container.add_stream("libx264", rate=rate)
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "bf": "0", "threads": "1"}
-        else:
-            stream = container.add_stream("mjpeg", rate=rate)
-            stream.pix_fmt = "yuvj420p"
-            stream.options = {"qmin": str(qscale), "qmax": str(qscale)}
-        stream.width, stream.height = width, height
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def resample_fps(frames: np.ndarray, times: np.ndarray, dst_fps: float) -> np.ndarray:
-    """Frames on a constant `dst_fps` grid from frames shown at `times` (variable frame rate allowed):
-    each grid point takes the frame on screen at that moment (dropping or repeating frames), as the
-    decoders of the official recipes do when they sample at a target frame rate."""
-    if not dst_fps or len(frames) == 0:
-        return frames
-    start = float(times[0])
-    # A frame stays on screen until the next one; the last one for one typical frame interval.
-    last = float(times[-1]) + (float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / dst_fps)
-    count = max(1, int(round((last - start) * dst_fps)))
-    grid = start + np.arange(count) / dst_fps
-    index = np.searchsorted(times, grid + 1e-6, side="right") - 1
-    return frames[np.clip(index, 0, len(frames) - 1)]
 
 
 def clip_indices(num_frames_in_video: int, num_frames: int, sampling_rate: int, start: int) -> np.ndarray:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig, ensure_ray
 
 PARTS_DIR = "_parts"
+UNEXPECTED = "error"  # quarantine reason of an exception that is not a VideoError (a bug, not a bad video)
 
 
 @dataclass
@@ -64,6 +67,8 @@ class PreprocessConfig:
     crf: int = 23  # h264 quality
     gop: int = 16  # h264: short GOP, so a clip needs little decoding before its first frame
     qscale: int = 5  # mjpeg quality (2 best .. 31 worst)
+    max_error_fraction: float = 0.05  # more inputs than this failing with an unexpected error fails the job
+    max_task_retries: int = 3  # a part whose worker keeps dying (e.g. out of memory) ends the job after this
     labels_file: str = ""  # fixed label set: one name per line (id = line number) or a JSON {name: id};
     # rows with other labels are quarantined. "" = every label found, ids in sorted order.
     min_frames: int = 1  # fewer decoded frames than this -> quarantined
@@ -107,23 +112,22 @@ class Part:
         return cls(data["part_id"], data["split"], [VideoRecord(**r) for r in data["records"]])
 
 
-def _fingerprint(records: list[VideoRecord], cfg: PreprocessConfig) -> str:
+def _fingerprint(records: list[VideoRecord], label_map: dict[str, int], cfg: PreprocessConfig) -> str:
+    """What the output is a function of: the records (in any order), the label ids, the config."""
     payload = json.dumps(
-        {"records": [dataclasses.asdict(r) for r in records], "config": cfg.output_affecting()}, sort_keys=True
+        {"records": [dataclasses.asdict(r) for r in sorted(records, key=lambda r: r.key)],
+         "label_map": label_map, "config": cfg.output_affecting()},
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _adapter_options(cfg: PreprocessConfig) -> dict[str, Any]:
-    fmt = cfg.source_format if cfg.source_format != "auto" else detect_format(cfg.source)
-    return dataclasses.asdict(cfg.ava) if fmt == "ava" else {}
-
-
 def read_label_file(uri: str) -> dict[str, int]:
     """A fixed label set: a JSON object {name: id}, or text with one name per line (id = line index)."""
-    if not storage.exists(uri):
-        raise DatasetError(f"labels_file {uri} does not exist")
-    text = storage.read_bytes(uri).decode("utf-8-sig")
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"labels_file {uri} does not exist") from None
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text)
@@ -169,54 +173,23 @@ def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
 
 
 def _encode_video(record: VideoRecord, data: bytes, cfg: PreprocessConfig) -> tuple[bytes, dict]:
-    """decode -> trim -> resize -> constant fps -> re-encode; raises VideoError for unusable input."""
-    from pipelines.data.video import VideoError, decode, encode_mp4, resample_fps
+    """Streamed decode -> trim -> upright -> resize -> constant fps -> re-encode; VideoError if unusable."""
+    from pipelines.data.video import VideoError, transcode
 
-    video = decode(data, short_side=cfg.short_side, min_short_side=cfg.min_short_side,
-                   start_s=record.start_s, end_s=record.end_s, threads=cfg.cpus_per_task)
-    frames = resample_fps(video.frames, video.times, cfg.fps)
-    if cfg.max_frames:
-        frames = frames[: cfg.max_frames]
-    if len(frames) < cfg.min_frames:
-        raise VideoError("too few frames", f"{len(frames)} < min_frames={cfg.min_frames}")
-    fps = cfg.fps or video.fps
-    media = encode_mp4(frames, fps, codec=cfg.codec, crf=cfg.crf, gop=cfg.gop, qscale=cfg.qscale)
-    meta = {
-        "fps": fps,
-        "frames": int(len(frames)),
-        "height": int(frames.shape[1]),
-        "width": int(frames.shape[2]),
-        "source_fps": video.fps,
-        "source_width": video.source_width,
-        "source_height": video.source_height,
-        "rotation": video.rotation,
-        "codec": cfg.codec,
-    }
-    return media, meta
+    media, meta = transcode(
+        data, short_side=cfg.short_side, min_short_side=cfg.min_short_side, start_s=record.start_s,
+        end_s=record.end_s, fps=cfg.fps, max_frames=cfg.max_frames, threads=cfg.cpus_per_task,
+        codec=cfg.codec, crf=cfg.crf, gop=cfg.gop, qscale=cfg.qscale,
+    )
+    if meta["frames"] < cfg.min_frames:
+        raise VideoError("too few frames", f"{meta['frames']} < min_frames={cfg.min_frames}")
+    return media, {**meta, "codec": cfg.codec}
 
 
 def _encode_image(data: bytes, cfg: PreprocessConfig) -> tuple[bytes, dict]:
-    """decode (EXIF orientation applied) -> resize to the short side -> JPEG; VideoError if unusable."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image, encode_jpeg
-    from torchvision.transforms.v2.functional import resize
+    from pipelines.data.images import encode_image
 
-    from pipelines.data.video import VideoError, target_size
-
-    if not data:
-        raise VideoError("empty file")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                             apply_exif_orientation=True)
-    except RuntimeError as exc:
-        raise VideoError("undecodable image", str(exc).splitlines()[0]) from None
-    height, width = image.shape[1:]
-    new_w, new_h = target_size(width, height, cfg.short_side, cfg.min_short_side)
-    if (new_w, new_h) != (width, height):
-        image = resize(image, [new_h, new_w], antialias=True)
-    media = encode_jpeg(image, quality=cfg.image_quality).numpy().tobytes()
-    meta = {"frames": 1, "fps": 0, "height": new_h, "width": new_w, "source_width": width, "source_height": height}
-    return media, meta
+    return encode_image(data, short_side=cfg.short_side, min_short_side=cfg.min_short_side, quality=cfg.image_quality)
 
 
 def _class_field(record: VideoRecord, label_map: dict[str, int]) -> bytes:
@@ -242,7 +215,12 @@ def process_part(
     index: list[dict] = []  # one line per written sample, for `mvit shards stats|verify`
     shards: list[dict] = []
     bytes_in = 0
-    with tempfile.TemporaryDirectory(prefix="mvit-part-") as tmp:
+    # A fixed scratch folder per (output, part): the retry of a killed task clears what its predecessor left.
+    output_id = hashlib.sha1(f"{cfg.output}|{fingerprint}".encode()).hexdigest()[:12]
+    scratch = Path(tempfile.gettempdir()) / f"mvit-part-{output_id}-{part.part_id}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
         closed: list[tuple[str, int]] = []
         counts: dict[str, int] = {}
 
@@ -251,7 +229,7 @@ def process_part(
 
         # mtime=0 and fixed owner make the tar bytes (and sha256) a function of the samples alone.
         writer = wds.ShardWriter(
-            str(Path(tmp) / f"{part.part_id}-%02d.tar"),
+            str(scratch / f"{part.part_id}-%02d.tar"),
             maxcount=cfg.max_samples_per_shard or 10**9,
             maxsize=cfg.target_shard_bytes,
             post=on_close,
@@ -266,7 +244,7 @@ def process_part(
                 try:
                     source, data = record.source, storage.read_bytes(record.source)
                 except FileNotFoundError:
-                    quarantine.append({"source": record.source, "reason": "missing file", "detail": ""})
+                    quarantine.append({"source": record.source, "key": record.key, "reason": "missing file", "detail": ""})
                     source, data = None, b""
                     continue
                 bytes_in += len(data)
@@ -274,10 +252,11 @@ def process_part(
             try:
                 media, video_meta = _encode_image(data, cfg) if image else _encode_video(record, data, cfg)
             except VideoError as exc:
-                quarantine.append({"source": record.source, "reason": exc.reason, "detail": exc.detail})
+                quarantine.append({"source": record.source, "key": record.key, "reason": exc.reason, "detail": exc.detail})
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
-                quarantine.append({"source": record.source, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"})
+                quarantine.append({"source": record.source, "key": record.key, "reason": UNEXPECTED,
+                                   "detail": f"{type(exc).__name__}: {exc}"})
                 continue
             meta = {"source": record.source, "label": record.label, "labels": list(record.labels),
                     "split": record.split, "media": record.media, "start_s": record.start_s,
@@ -300,10 +279,13 @@ def process_part(
             if count == 0:
                 continue
             url = f"{SHARD_DIR}/{Path(path).name}"
-            data = Path(path).read_bytes()
+            with open(path, "rb") as handle:
+                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
             storage.upload_file(path, storage.join(cfg.output, url))
-            shards.append({"url": url, "split": part.split, "num_samples": count, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
+            shards.append({"url": url, "split": part.split, "num_samples": count,
+                           "bytes": os.path.getsize(path), "sha256": sha256})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for entry in index:
         entry["shard"] = f"{SHARD_DIR}/{entry['shard']}"
     result = {
@@ -326,14 +308,22 @@ def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessCon
 
 
 def _load_done(cfg: PreprocessConfig, parts: list[Part], fingerprint: str) -> dict[str, dict]:
+    """Parts an earlier run finished for the same inputs and config, with every shard still in place.
+    A part that met an unexpected error (a bug, not a bad video) is not trusted and is redone."""
+    committed = {uri for uri, _ in storage.list_files(storage.join(cfg.output, PARTS_DIR))}
+    if not committed:
+        return {}
+    present = {uri for uri, _ in storage.list_files(storage.join(cfg.output, SHARD_DIR))}
     done: dict[str, dict] = {}
     for part in parts:
         uri = storage.join(cfg.output, PARTS_DIR, f"{part.part_id}.json")
-        if not storage.exists(uri):
+        if uri not in committed:
             continue
         record = json.loads(storage.read_bytes(uri))
-        if record.get("fingerprint") == fingerprint and all(
-            storage.exists(storage.join(cfg.output, s["url"])) for s in record["shards"]
+        if (
+            record.get("fingerprint") == fingerprint
+            and all(storage.join(cfg.output, s["url"]) in present for s in record["shards"])
+            and not any(q["reason"] == UNEXPECTED for q in record["quarantine"])
         ):
             done[part.part_id] = record
     return done
@@ -362,7 +352,9 @@ class _Progress:
 
 def run(cfg: PreprocessConfig) -> Manifest:
     storage.check_reachable(cfg.output)
-    records, rejected = load_records(cfg.source, cfg.source_format, cfg.source_root or None, **_adapter_options(cfg))
+    fmt = cfg.source_format if cfg.source_format != "auto" else detect_format(cfg.source)
+    options = dataclasses.asdict(cfg.ava) if fmt == "ava" else {}
+    records, rejected = load_records(cfg.source, fmt, cfg.source_root or None, **options)
     inputs = len(records) + len(rejected)
 
     unique: dict[str, VideoRecord] = {}
@@ -385,7 +377,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
         records = known
     else:
         label_map = {name: i for i, name in enumerate(sorted({n for r in records for n in r.labels}))}
-    fingerprint = _fingerprint(records, cfg)
+    fingerprint = _fingerprint(records, label_map, cfg)
 
     manifest_uri = storage.join(cfg.output, MANIFEST)
     if storage.exists(manifest_uri):
@@ -415,13 +407,15 @@ def run(cfg: PreprocessConfig) -> Manifest:
         # Parts travel as JSON (an Arrow string column) rather than pickled dataclasses.
         items = [{"part": json.dumps(dataclasses.asdict(p))} for p in todo]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
-        # One task per part. Ray Data retries a task whose worker died (max_retries=-1 for system
-        # failures); a retried part rewrites the same bytes under the same names.
+        # One task per part. Ray retries a task whose worker died; a retried part rewrites the same bytes
+        # under the same names. Retries are bounded (Ray Data's default is forever), so an input that
+        # kills every worker it meets ends the job with an error instead of looping.
         mapped = dataset.map(
             process_part_row,
             fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
             num_cpus=cfg.cpus_per_task,
             compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
+            max_retries=cfg.max_task_retries,
         )
         for row in mapped.iter_rows():
             results.append(row["result"])
@@ -431,7 +425,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
     shards = [ShardInfo(**s) for r in results for s in r["shards"]]
     quarantine = [{"source": q.source, "reason": q.reason} for q in rejected]
     quarantine += [q for r in results for q in r["quarantine"]]
-    quarantine.sort(key=lambda q: q["source"])
+    quarantine.sort(key=lambda q: (q["source"], q.get("key", "")))
     splits: dict[str, int] = {}
     for shard in shards:
         splits[shard.split] = splits.get(shard.split, 0) + shard.num_samples
@@ -445,6 +439,14 @@ def run(cfg: PreprocessConfig) -> Manifest:
         quarantined=len(quarantine),
         splits=splits,
     )
+    unexpected = [q for q in quarantine if q["reason"] == UNEXPECTED]
+    if len(unexpected) > cfg.max_error_fraction * max(1, inputs):
+        raise RuntimeError(
+            f"{len(unexpected)} of {inputs} inputs failed with an unexpected error (more than max_error_fraction="
+            f"{cfg.max_error_fraction}): a bug or a broken environment rather than bad videos. First: "
+            f"{unexpected[0]['source']}: {unexpected[0]['detail']}. Finished parts are kept; rerun the same "
+            "command once fixed (parts with errors are redone)."
+        )
     if manifest.num_samples + manifest.quarantined != inputs:
         raise RuntimeError(
             f"accounting error: {manifest.num_samples} samples + {manifest.quarantined} quarantined != {inputs} inputs"

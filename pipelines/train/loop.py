@@ -178,9 +178,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train rank {rank}] resumed from epoch {state['epoch']} (step {step})", flush=True)
 
     tracker = MlflowTracker(tracking_uri, run_id) if rank == 0 else NullTracker()
-    if checkpoint and state.get("epoch_metrics"):
-        # The previous group may have died between committing this checkpoint and logging its epoch.
-        tracker.log_metrics_once(state["epoch_metrics"], step)
+    # Steps whose per-step metrics the run already holds: an attempt that died after them is redone
+    # from its last checkpoint, and its repeated steps are not logged a second time.
+    logged_through = tracker.last_step("train/loss")
+    if checkpoint:
+        tracker.mark_resumed(state["epoch"])
+        if state.get("epoch_metrics"):
+            # The previous group may have died between committing this checkpoint and logging its epoch.
+            tracker.log_metrics_once(state["epoch_metrics"], step)
     seen_keys: set[str] = set()
     for epoch in range(start_epoch, cfg.epochs):
         loader = train_loader(
@@ -211,7 +216,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 seen_keys.update(keys)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}")
-            if step % cfg.log_every_steps == 0:
+            if step % cfg.log_every_steps == 0 and step > logged_through:
                 elapsed = time.perf_counter() - window_start
                 tracker.log_metrics(
                     {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],

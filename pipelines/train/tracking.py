@@ -120,6 +120,8 @@ def _log_dataset(mlflow_client, run_id: str, prefix: str, manifest) -> None:
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_metrics_once(self, metrics: dict[str, float], step: int) -> None: ...
+    def last_step(self, key: str) -> int: ...
+    def mark_resumed(self, epoch: int) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
 
@@ -130,6 +132,12 @@ class NullTracker:
         pass
 
     def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def last_step(self, key: str) -> int:
+        return 0
+
+    def mark_resumed(self, epoch: int) -> None:
         pass
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
@@ -152,6 +160,16 @@ class MlflowTracker:
         """Log unless the run already holds these metrics at `step` (a restart redoing an epoch)."""
         if metrics and not any(s == step for s, _ in self.history(next(iter(metrics)))):
             self.log_metrics(metrics, step)
+
+    def mark_resumed(self, epoch: int) -> None:
+        """Tags that tell, in the MLflow UI, that this run went on from a checkpoint after a failure."""
+        restarts = int(self.client.get_run(self.run_id).data.tags.get("mvit.restarts", 0)) + 1
+        self.client.set_tag(self.run_id, "mvit.restarts", str(restarts))
+        self.client.set_tag(self.run_id, "mvit.resumed_from_epoch", str(epoch))
+
+    def last_step(self, key: str) -> int:
+        """The highest step at which the run holds `key` (0: none)."""
+        return max((s for s, _ in self.history(key)), default=0)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path=artifact_path)

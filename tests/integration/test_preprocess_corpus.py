@@ -17,6 +17,8 @@ from tests import media
 
 pytestmark = pytest.mark.integration
 
+VFR_TIMES = [0, 0.033, 0.066, 0.3, 0.333, 0.8, 0.833, 0.866]  # frame k has brightness 30 * k
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -30,7 +32,7 @@ def corpus(tmp_path_factory):
         "ok/one_frame.mp4": media.good(frames=1),
         "ok/tiny.mp4": media.good(height=12, width=16),  # smaller than the crop size
         "ok/wide.mp4": media.good(height=16, width=640),  # extreme aspect ratio
-        "ok/vfr.mp4": media.variable_frame_rate([0, 0.033, 0.066, 0.3, 0.333, 0.8, 0.833, 0.866]),
+        "ok/vfr.mp4": media.variable_frame_rate(VFR_TIMES, brightness_steps=True),
         "ok/portrait.mp4": media.rotated(90),  # display-matrix rotation
         "bad/zero.mp4": b"",
         "bad/truncated.mp4": good[: len(good) // 2],  # the moov atom is at the end: nothing decodes
@@ -103,6 +105,10 @@ def test_usable_odd_videos_become_correct_samples(result):
     # 12 frames at 15 fps -> 24 at 30 fps; the variable-rate video spans 0.9 s -> 27 frames at 30 fps
     assert samples["ok/a.mp4"][1]["frames"] == 24
     assert samples["ok/vfr.mp4"][1]["frames"] == 27
+    # ...and each 30 fps frame is the source frame on screen at its time (frame 2 from 0.066 s to 0.3 s)
+    shown = [round(float(f.mean()) / 30) for f in decode(samples["ok/vfr.mp4"][0]["mp4"]).frames]
+    expected = [max(k for k, t in enumerate(VFR_TIMES) if t <= i / 30 + 1e-6) for i in range(27)]
+    assert shown == expected
     # the portrait video is stored upright: taller than wide, its bright (left) half now at the bottom
     sample, meta = samples["ok/portrait.mp4"]
     assert meta["rotation"] == 90 and meta["height"] > meta["width"]

@@ -86,21 +86,41 @@ def assert_same_as_reference(out: Path, manifest, reference) -> None:
 def test_a_killed_worker_is_retried_and_nothing_is_lost(source, reference, tmp_path):
     out = tmp_path / "ds"
     outcome: dict = {}
-    job = threading.Thread(target=lambda: outcome.update(manifest=preprocess(config(source, out))))
+
+    def run_job() -> None:
+        try:
+            outcome["manifest"] = preprocess(config(source, out))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
+            outcome["error"] = exc
+
+    job = threading.Thread(target=run_job)
     job.start()
     wait_for_parts(out, 1)
-    workers = [
-        p for p in psutil.Process().children(recursive=True)
-        if p.is_running() and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::Map(process_part_row")
-    ]
-    assert workers, "no preprocessing worker found to kill"
+    # The worker's title names the task only while it runs one (between tasks it is `ray::IDLE`).
+    deadline = time.monotonic() + 60
+    while not (busy := busy_workers()):
+        assert time.monotonic() < deadline and job.is_alive(), "no preprocessing worker found at work"
+        time.sleep(0.01)
     done_at_kill = finished_parts(out)
-    for worker in workers:
+    for worker in busy:
         worker.send_signal(signal.SIGKILL)
     job.join(timeout=300)
     assert not job.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]
     assert done_at_kill < PARTS, "the job finished before the worker was killed"
     assert_same_as_reference(out, outcome["manifest"], reference)
+
+
+def busy_workers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::Map(process_part_row"):
+                found.append(process)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
 
 
 def test_a_killed_driver_is_resumed_by_rerunning(source, reference, tmp_path, capsys):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.cli import main, split_config_args
@@ -82,3 +84,16 @@ def test_a_stage_without_its_section_gets_defaults(tmp_path):
     path.write_text("train:\n  epochs: 7\n")
     cfg = load_config(PreprocessConfig, path, ["source=a", "output=b"], section="preprocess")
     assert cfg.short_side == PreprocessConfig(source="a", output="b").short_side
+
+
+def test_passwords_in_uris_are_never_printed_or_logged(capsys):
+    from pipelines.config import flatten, print_effective
+    from pipelines.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["dataset=s3://b/ds", "mlflow.tracking_uri=postgresql://ml:s3cr3t@db:5432/mlflow"])
+    print_effective("train", cfg)
+    printed = capsys.readouterr().out
+    params = flatten(cfg)
+    assert "s3cr3t" not in printed and "s3cr3t" not in json.dumps(params)
+    assert params["mlflow.tracking_uri"] == "postgresql://ml:***@db:5432/mlflow"
+    assert cfg.mlflow.tracking_uri.endswith("ml:s3cr3t@db:5432/mlflow")  # the config itself keeps it for use
