@@ -49,20 +49,18 @@ def read_checkpoint(src: str | os.PathLike | Mapping) -> tuple[dict[str, torch.T
         try:
             obj = torch.load(where, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - every failure mode becomes one clear error naming the file
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "weights only load failed" in str(e).lower() or "unsupported global" in str(e).lower():
-                raise ValueError(
-                    f"refusing to load {where}: it holds objects other than tensors and plain containers "
-                    f"(torch.load(weights_only=True) would have to execute pickled code): {msg}"
-                ) from e
-            raise ValueError(f"cannot read checkpoint {where}: corrupted, truncated or not a PyTorch file ({msg})") from e
+            raise _load_error(where, e) from e
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: expected a dict checkpoint, got {type(obj).__name__}")
+        raise ValueError(f"{where}: expected a dict checkpoint (a state dict, {{'model_state': ...}} or ours), "
+                         f"got {type(obj).__name__}")
 
     cfg = None
-    if "model" in obj and "config" in obj:  # ours
+    if "model" in obj and isinstance(obj.get("config"), Mapping) and obj["config"]:  # ours (also training checkpoints)
         state = obj["model"]
-        cfg = MViTConfig.from_dict(dict(obj["config"]))
+        try:
+            cfg = MViTConfig.from_dict(dict(obj["config"]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: its model config is not a valid MViTConfig: {e}") from e
         where = f"{where} (mvit format)"
     elif "model_state" in obj:  # SlowFast .pyth
         state = obj["model_state"]
@@ -73,10 +71,29 @@ def read_checkpoint(src: str | os.PathLike | Mapping) -> tuple[dict[str, torch.T
         state = obj["model"]
     else:
         state = obj
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where}: the weights entry is a {type(state).__name__}, not a state dict")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{where}: state dict entries are not tensors: {bad[:10]}")
     return dict(state), cfg, where
+
+
+def _load_error(where: str, e: Exception) -> ValueError:
+    """A one-line reason for a failed ``torch.load(weights_only=True)``."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    blocked = [line for line in lines if "GLOBAL" in line or "Unsupported global" in line]
+    if blocked:  # the pickle names a Python callable/class: loading it would execute code
+        return ValueError(
+            f"refusing to load {where}: it would call or build Python objects when unpickled ({blocked[0]}); "
+            "only tensors and plain containers are read (torch.load(weights_only=True)). Re-save the weights "
+            "as a plain state dict if you trust the file."
+        )
+    detail = next((line for line in lines if "WeightsUnpickler error" not in line and "Weights only load failed" not in line
+                   and not line.startswith(("Please file", "Check the documentation"))), "")
+    return ValueError(
+        f"cannot read checkpoint {where}: corrupted, truncated or not a PyTorch file ({type(e).__name__}: {detail[:200]})"
+    )
 
 
 # --- key mapping -----------------------------------------------------------------------------------
@@ -251,6 +268,10 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
 
     bad_shape = []
     for k, v in list(state.items()):
+        if k in own and v.ndim == own[k].ndim + 1 and v.ndim == 5 and v.shape[2] == 1:
+            # The official image model keeps 3-D pooling convs with a temporal kernel of 1 ((1, 3, 3) on
+            # T = 1); here it is 2-D: the same weights without that axis.
+            state[k] = v = v.squeeze(2)
         if k in own and v.shape != own[k].shape:
             resized = _resample_pos(k, v, own[k], model)
             if resized is None or resized.shape != own[k].shape:

@@ -66,6 +66,9 @@ class MViTConfig:
     kv_pool_stride1: bool = True
     sep_pos_embed: bool = True  # v1 video: separable spatial/temporal/class position embeddings
     num_classes: int = 400
+    # No weight decay on position embeddings / class token / rel-pos tables (see MViT.no_weight_decay).
+    # False as in every official config (SlowFast ZERO_DECAY_POS_CLS: False); 1-D parameters are exempt anyway.
+    zero_decay_pos_cls: bool = False
     drop_path_rate: float = 0.2
     head_dropout: float = 0.5
     norm_eps: float = 1e-6
@@ -183,8 +186,10 @@ class MViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MViTConfig:
-        valid = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(d) - valid)
+        """Inverse of :meth:`to_dict`; also accepts ``dataclasses.asdict(cfg)``, whose derived fields
+        (``blocks``, ``grid``) are recomputed rather than read."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"unknown MViTConfig field(s) {unknown} in checkpoint config")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if fields[k].init})

@@ -47,6 +47,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         sep_pos_embed=False,
         num_classes=1000,
         drop_path_rate=0.1,
+        head_dropout=0.0,  # the official IN-1K config (configs/ImageNet/MVIT_B_16_CONV.yaml) has no head dropout
     ),
     # MViTv2 (arXiv 2112.01526)
     "mvitv2_s_16x4": dict(version=2),
@@ -85,6 +86,15 @@ def get_config(name: str, **overrides: Any) -> MViTConfig:
     return MViTConfig().replace(**{**_VARIANTS[name], **overrides})
 
 
+# Fields that may differ between a named variant and a checkpoint of it: sizes the weights are resampled
+# for, the head (re-initialised on request), regularisation, the recipe, and the older zoo layout flag.
+_NOT_ARCHITECTURE = {"input_size", "num_classes", "drop_path_rate", "head_dropout", "zero_decay_pos_cls", "kv_pool_stride1"}
+
+
+def _architecture_differences(a: MViTConfig, b: MViTConfig) -> list[str]:
+    return [k for k, v in a.to_dict().items() if k not in _NOT_ARCHITECTURE and getattr(b, k) != v]
+
+
 def create_model(
     name: str,
     *,
@@ -110,6 +120,12 @@ def create_model(
     state, ckpt_cfg, source = ckpt_mod.read_checkpoint(checkpoint)
     base = get_config(name)
     if ckpt_cfg is not None:  # our own format carries its config; the name must describe the same model
+        differ = _architecture_differences(base, ckpt_cfg)
+        if differ:
+            raise ValueError(
+                f"checkpoint {source} holds another architecture than {name!r}: "
+                + ", ".join(f"{k}={getattr(ckpt_cfg, k)!r} (model: {getattr(base, k)!r})" for k in differ)
+            )
         base = ckpt_cfg
     state = ckpt_mod.to_mvit_keys(state, source=source)
     head_classes = ckpt_mod.head_size(state)

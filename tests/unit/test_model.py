@@ -1,0 +1,327 @@
+"""Every variant of ``mvit.list_models()`` on tiny inputs: forward/backward, gradients, modes, determinism,
+bf16 autocast, activation checkpointing, the fast CPU paths, torch.compile, bad input, and the model API.
+
+The full-size variants are built with a small ``input_size`` (the smallest the strides allow) so that each
+runs in well under a second; their widths, depths and weights are the real ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mvit
+from mvit.heads import RoIHead
+from mvit.ops import fast_paths
+
+ALL = mvit.list_models()
+DEBUG = [n for n in ALL if n.endswith("_debug")]
+
+
+def small_size(name: str) -> tuple[int, ...]:
+    """Two frames' worth of temporal stride and 32x32 pixels: 4x32x32 for every video variant, 32x32 for images."""
+    cfg = mvit.get_config(name)
+    mult = cfg.input_multiple
+    if cfg.is_video:
+        return (2 * mult[0], max(mult[1], 32), max(mult[2], 32))
+    return (max(mult[0], 32), max(mult[1], 32))
+
+
+@functools.lru_cache(maxsize=None)
+def _built(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return mvit.create_model(name, input_size=small_size(name))
+
+
+def model_for(name: str) -> torch.nn.Module:
+    """A fresh copy (tests change modes and gradients) of the variant built for its small input size."""
+    return copy.deepcopy(_built(name))
+
+
+def clip(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, model.cfg.in_chans, *model.cfg.input_size), generator=gen)
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    target = torch.arange(out.shape[0]) % out.shape[1]
+    return F.cross_entropy(out, target)
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_backward_every_parameter_gets_a_gradient(name):
+    model = model_for(name)
+    for blk in model.blocks:
+        blk.drop_path.p = 0.0  # every block contributes
+    model.train()
+    x = clip(model)
+    out = model(x)
+    assert out.shape == (2, model.num_classes)
+    assert torch.isfinite(out).all()
+    loss_of(out).backward()
+    # Only the class token of the last block reaches the head; Q pooling and MViTv2's rel-pos terms act on
+    # the other query rows only, so in the last block they get no gradient (as in the official model).
+    last = len(model.blocks) - 1
+    dead = {f"blocks.{last}.attn.{p}" for p in ("rel_pos_h", "rel_pos_w", "rel_pos_t", "pool_q.weight")}
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f"{n} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{n} has a non-finite gradient"
+        if n in dead:
+            assert not p.grad.any(), n
+        else:
+            assert p.grad.abs().sum() > 0, f"{n} has an all-zero gradient"
+        # DDP copies grads into buckets laid out like the parameters; other strides make it warn
+        # ("Grad strides do not match bucket view strides") and copy.
+        assert p.grad.stride() == p.stride(), f"{n}: grad strides {p.grad.stride()} != {p.stride()}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_and_eval_output_shapes_and_determinism(name):
+    a = model_for(name)  # built after torch.manual_seed(0)
+    torch.manual_seed(0)
+    b = mvit.create_model(name, input_size=small_size(name))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), f"{k} differs between two builds with the same seed"
+    x = clip(a, batch=3)
+    with torch.no_grad():
+        ea, eb = a.eval()(x), b.eval()(x)
+        assert ea.shape == (3, a.num_classes)
+        assert torch.equal(ea, eb) and torch.equal(ea, a(x))
+        a.train(), b.train()
+        torch.manual_seed(5)
+        ta = a(x)
+        torch.manual_seed(5)
+        tb = b(x)
+    assert ta.shape == (3, a.num_classes)
+    assert torch.equal(ta, tb)  # stochastic depth / dropout follow the seed
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bf16_autocast_forward(name):
+    model = model_for(name).eval()
+    x = clip(model)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    # bf16 keeps 8 bits of mantissa; over 16-24 blocks the logits drift by up to ~10% of their spread (measured) but
+    # stay the same function of the input (correlation with the fp32 logits)
+    a, b = out.float().flatten(), ref.flatten()
+    corr = F.cosine_similarity(a - a.mean(), b - b.mean(), dim=0).item()
+    err = (a - b).abs().max().item()
+    print(f"{name}: bf16 max |diff| {err:.3g} (logit std {b.std().item():.3g}), correlation {corr:.5f}")
+    assert corr > 0.999 and err <= 0.15 * b.std().item(), (corr, err)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    model = model_for(name).train()
+    x = clip(model)
+    torch.manual_seed(3)  # the same stochastic-depth draws in both runs (checkpoint restores the RNG state)
+    loss_of(model(x)).backward()
+    plain = grads(model)
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(3)
+    loss_of(model(x)).backward()
+    for n, g in grads(model).items():
+        torch.testing.assert_close(g, plain[n], msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logits_equal_the_full_computation(name):
+    """forward() computes only the class token in the last block: same logits and gradients as computing
+    every token (forward_features + head), in training mode with stochastic depth."""
+    model = model_for(name).train()
+    x = clip(model)
+    torch.manual_seed(7)
+    out = model(x)
+    loss_of(out).backward()
+    short = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    full = model.forward_head(model.forward_features(x))
+    loss_of(full).backward()
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        # atol: norm_k biases get analytically-zero gradients (softmax ignores a shift shared by all keys)
+        torch.testing.assert_close(short[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", DEBUG + ["mvit_b16_in1k"])
+def test_fast_cpu_paths_equal_plain_ops(name):
+    """mvit.ops's custom backward paths give the gradients of the plain PyTorch ops they replace."""
+    model = model_for(name).train()
+    for blk in model.blocks:
+        blk.drop_path.p = 0.0
+    model.head.dropout = torch.nn.Identity()
+    x = clip(model)
+    results = []
+    for fast in (True, False):
+        model.zero_grad(set_to_none=True)
+        with fast_paths(fast):
+            out = model(x)
+            loss_of(out).backward()
+        results.append((out.detach(), grads(model)))
+    (out_fast, g_fast), (out_plain, g_plain) = results
+    torch.testing.assert_close(out_fast, out_plain, rtol=0, atol=1e-6)
+    for n in g_plain:
+        torch.testing.assert_close(g_fast[n], g_plain[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", DEBUG)
+def test_torch_compile_fullgraph_equals_eager(name):
+    """The whole model traces as one graph (fullgraph=True: no graph breaks) and matches eager, forward and
+    backward. The aot_eager backend runs the traced forward/backward graphs with eager kernels: inductor's C++
+    code generation takes ~95 s per model on 2 cores, so it is checked on one block below."""
+    model = model_for(name).train()
+    for blk in model.blocks:
+        blk.drop_path.p = 0.0
+    x = clip(model)
+    out = model(x)
+    loss_of(out).backward()
+    eager = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x)
+    loss_of(out_c).backward()
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    for n, g in grads(model).items():
+        torch.testing.assert_close(g, eager[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_inductor_compiled_block_equals_eager():
+    """Inductor (the default backend) on the most involved block: MViTv2 with Q pooling, rel-pos terms,
+    residual pooling and the width change inside attention."""
+    model = model_for("mvitv2_debug").eval()
+    blk = next(b for b in model.blocks if b.dim_in != b.dim_out)
+    tokens = torch.randn(2, 1 + 4 * 8 * 8, blk.dim_in)
+    grid = (4, 8, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref, ref_grid = blk(tokens, grid)
+        out, out_grid = torch.compile(blk, fullgraph=True)(tokens, grid)
+    assert out_grid == ref_grid == (4, 4, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mvit_debug", "mvitv2_debug"])
+def test_other_input_sizes_work(name):
+    model = model_for(name).eval()  # built for 4x32x32
+    with torch.no_grad():
+        for size in [(8, 32, 32), (4, 64, 48), (2, 16, 16)]:
+            assert model(torch.randn(1, 3, *size)).shape == (1, 10)
+
+
+def test_image_variant_other_sizes():
+    model = model_for("mvit_b16_in1k").eval()  # built for 32x32
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 96)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((3, 4, 32, 32), r"expected a 5-D input \(B, 3, T, H, W\), got shape \(3, 4, 32, 32\)"),
+        ((1, 1, 4, 32, 32), r"expected 3 input channels"),
+        ((1, 3, 4, 40, 32), r"4x40x32 is not supported.*T a multiple of 2, H a multiple of 16, W a multiple of 16"),
+        ((1, 3, 3, 32, 32), r"T a multiple of 2"),
+        ((1, 3, 4, 0, 32), r"not supported"),
+    ],
+)
+def test_bad_input_says_which_sizes_work(shape, message):
+    model = model_for("mvit_debug")
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(shape))
+
+
+def test_bad_image_input():
+    model = model_for("mvit_b16_in1k")
+    with pytest.raises(ValueError, match=r"expected a 4-D input \(B, 3, H, W\)"):
+        model(torch.zeros(1, 3, 2, 32, 32))
+    with pytest.raises(ValueError, match="H a multiple of 32, W a multiple of 32"):
+        model(torch.zeros(1, 3, 48, 32))
+
+
+def test_bad_names_and_fields():
+    with pytest.raises(ValueError, match="unknown model 'mvit_x'; available: mvit_b_16x4"):
+        mvit.create_model("mvit_x")
+    with pytest.raises(TypeError, match="unknown MViTConfig field"):
+        mvit.create_model("mvit_debug", embed_dims=3)
+    with pytest.raises(ValueError, match="input_size must be"):
+        mvit.create_model("mvit_debug", input_size=(32,))
+
+
+# --- API used by the pipelines ------------------------------------------------------------------------------
+def test_model_api():
+    model = model_for("mvit_debug")
+    # config round trip through asdict (what training checkpoints store) and to_dict
+    assert mvit.MViTConfig.from_dict(asdict(model.cfg)) == model.cfg
+    assert mvit.MViTConfig.from_dict(model.cfg.to_dict()) == model.cfg
+    # weight decay: the official recipes decay embeddings too; opt-in exemption
+    assert model.no_weight_decay() == set()
+    exempt = mvit.create_model("mvit_debug", zero_decay_pos_cls=True).no_weight_decay()
+    assert {"cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"} <= exempt
+    assert all(p.ndim > 1 for n, p in model.named_parameters() if n in exempt)
+    v2 = mvit.create_model("mvitv2_debug", zero_decay_pos_cls=True)
+    assert "blocks.0.attn.rel_pos_h" in v2.no_weight_decay()
+    # features, head reset, classifier-free model
+    x = clip(model)
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 1 + 2 * 2 * 2, model.num_features)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 128)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5) and model.num_classes == 5
+        assert mvit.create_model("mvit_debug", num_classes=0).eval()(torch.randn(1, 3, 8, 32, 32)).shape == (1, 128)
+    # stochastic depth is active in training mode only
+    heavy = mvit.create_model("mvit_debug", drop_path_rate=0.9).train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert not torch.equal(heavy(x), heavy.eval()(x))
+    assert mvit.get_config("mvit_b_16x4", drop_path_rate=0.0).blocks[-1].drop_path == 0.0
+    assert mvit.get_config("mvit_b_16x4").blocks[-1].drop_path == pytest.approx(0.2)
+    assert mvit.get_config("mvit_b24_32x3").blocks[-1].drop_path == pytest.approx(0.3)
+
+
+def test_architecture_table_of_mvit_b():
+    """The per-block table of MViT-B 16x4 (models.md, "Architecture facts")."""
+    cfg = mvit.get_config("mvit_b_16x4")
+    q_pooled = [i for i, b in enumerate(cfg.blocks) if b.q_stride != (1, 1, 1)]
+    widened = [i for i, b in enumerate(cfg.blocks) if b.dim_out != b.dim_in]
+    assert q_pooled == [1, 3, 14] and widened == [0, 2, 13]
+    assert [cfg.blocks[i].num_heads for i in (0, 1, 3, 14)] == [1, 2, 4, 8]
+    assert [cfg.blocks[i].kv_stride for i in (0, 1, 3, 14)] == [(1, 8, 8), (1, 4, 4), (1, 2, 2), (1, 1, 1)]
+    assert all(b.kv_kernel == (3, 3, 3) for b in cfg.blocks)
+    b24 = mvit.get_config("mvit_b24_32x3")
+    assert [i for i, b in enumerate(b24.blocks) if b.q_stride != (1, 1, 1)] == [2, 5, 21]
+    assert [i for i, b in enumerate(b24.blocks) if b.dim_out != b.dim_in] == [1, 4, 20]
+    assert b24.blocks[0].kv_kernel == (1, 9, 9)  # kernel = stride + 1
+    v2 = mvit.get_config("mvitv2_s_16x4")
+    assert all(b.q_kernel == (3, 3, 3) for b in v2.blocks)  # Q pooled in every block
+    assert [i for i, b in enumerate(v2.blocks) if b.dim_out != b.dim_in] == [1, 3, 14]  # inside attention
+
+
+def test_roi_head_on_last_stage_tokens():
+    model = model_for("mvit_debug").eval()
+    head = RoIHead(model.num_features, num_classes=6, spatial_scale=1 / 16, resolution=2, dropout=0.0)
+    x = clip(model)
+    boxes = torch.tensor([[0, 0.0, 0.0, 16.0, 16.0], [1, 8.0, 4.0, 32.0, 30.0], [1, 0.0, 0.0, 32.0, 32.0]])
+    with torch.no_grad():
+        tokens, grid = model.forward_tokens(x)
+        logits = head(model.norm(tokens), grid, boxes)
+    assert grid == (2, 2, 2) and logits.shape == (3, 6) and torch.isfinite(logits).all()
