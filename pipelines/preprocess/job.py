@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -410,13 +411,16 @@ def run(cfg: PreprocessConfig) -> Manifest:
         # One task per part. Ray retries a task whose worker died; a retried part rewrites the same bytes
         # under the same names. Retries are bounded (Ray Data's default is forever), so an input that
         # kills every worker it meets ends the job with an error instead of looping.
-        mapped = dataset.map(
-            process_part_row,
-            fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
-            num_cpus=cfg.cpus_per_task,
-            compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
-            max_retries=cfg.max_task_retries,
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for max_retries yet; passing it the old way warns.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            mapped = dataset.map(
+                process_part_row,
+                fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
+                num_cpus=cfg.cpus_per_task,
+                compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
+                max_retries=cfg.max_task_retries,
+            )
         for row in mapped.iter_rows():
             results.append(row["result"])
             progress.update(row["result"])
