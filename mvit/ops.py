@@ -77,6 +77,50 @@ def _tap_slices(size: int, out: int, k: int, s: int, p: int):
     return res
 
 
+def _phases(size: int, out: int, k: int, s: int, p: int):
+    """Per residue r of the input positions i = s*m + r along one axis: the taps that reach them and how
+    to read the output gradient for a stride-1 correlation, as (r, count, tap indices, pad_left, pad_right).
+
+    Input position i receives gy[o] * w[d] for every o*s + d - p = i. With d = d0 + s*j (d0 = (r+p) mod s)
+    this is gy[m + c - j] with c = (r + p - d0) / s: a correlation of gy with the taps in reverse order.
+    """
+    res = []
+    for r in range(min(s, size)):
+        count = (size - r + s - 1) // s
+        d0 = (r + p) % s
+        taps = list(range(d0, k, s))
+        if not taps:
+            res.append((r, count, None, 0, 0))
+            continue
+        c = (r + p - d0) // s
+        left = len(taps) - 1 - c
+        right = count + len(taps) - 1 - left - out
+        res.append((r, count, taps[::-1], left, right))
+    return res
+
+
+def _input_grad_polyphase(gy: torch.Tensor, weight: torch.Tensor, x_shape, stride, padding) -> torch.Tensor:
+    """Gradient w.r.t. the input of a depthwise conv, channels-last: one forward conv per stride phase."""
+    nd = gy.ndim - 2
+    kernel = weight.shape[2:]
+    per_axis = [_phases(x_shape[1 + a], gy.shape[1 + a], kernel[a], stride[a], padding[a]) for a in range(nd)]
+    gx = gy.new_empty(x_shape)
+    for combo in itertools.product(*per_axis):
+        dst = (slice(None),) + tuple(slice(r, None, s) for (r, *_), s in zip(combo, stride))
+        if any(taps is None for _, _, taps, _, _ in combo):
+            gx[dst] = 0
+            continue
+        w = weight
+        for a, (_, _, taps, _, _) in enumerate(combo):
+            w = w.index_select(2 + a, torch.tensor(taps, device=w.device))
+        pads = []
+        for _, _, _, left, right in reversed(combo):
+            pads += [left, right]
+        g = F.pad(gy, [0, 0] + pads)  # negative pads crop
+        gx[dst] = _conv(g.movedim(-1, 1), w.contiguous(), (1,) * nd, (0,) * nd).movedim(1, -1)
+    return gx
+
+
 class _DepthwiseConvCL(torch.autograd.Function):
     """Depthwise conv on ``x`` of shape ``(B, *grid, C)`` (channels last); returns ``(B, *out_grid, C)``."""
 
@@ -95,16 +139,14 @@ class _DepthwiseConvCL(torch.autograd.Function):
         gy = gy.contiguous()
         kernel = weight.shape[2:]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # Input gradient: where the kernel windows overlap (stride < kernel) oneDNN's backward-data kernel
-        # is faster; where they don't (K/V strides of 4 and 8 with 3-wide kernels) it is several times
-        # slower than scattering each tap's disjoint slice, done in the loop below.
+        # Input gradient: where the kernel windows don't overlap (K/V strides of 4 and 8 with 3-wide
+        # kernels) each tap's slice is scattered in the loop below; elsewhere it is computed as forward
+        # convolutions, one per stride phase (_input_grad_polyphase). oneDNN's own depthwise backward-data
+        # kernel does the same multiply-adds ~10x slower than its forward kernel on CPU.
         taps_for_x = need_x and all(s >= k for s, k in zip(stride, kernel) if k > 1)
         gx = None
         if need_x and not taps_for_x:
-            gx = torch.ops.aten.convolution_backward(
-                gy.movedim(-1, 1), x.movedim(-1, 1), weight, None, stride, padding, (1,) * nd, False,
-                (0,) * nd, weight.shape[0], (True, False, False),
-            )[0].movedim(1, -1)
+            gx = _input_grad_polyphase(gy, weight, x.shape, stride, padding)
         if not (need_w or taps_for_x):
             return gx, None, None, None
         per_axis = [_tap_slices(x.shape[1 + i], gy.shape[1 + i], kernel[i], stride[i], padding[i]) for i in range(nd)]

@@ -325,3 +325,33 @@ def test_roi_head_on_last_stage_tokens():
         tokens, grid = model.forward_tokens(x)
         logits = head(model.norm(tokens), grid, boxes)
     assert grid == (2, 2, 2) and logits.shape == (3, 6) and torch.isfinite(logits).all()
+
+
+# --- the depthwise pooling convolution's custom backward -----------------------------------------------------
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, size",
+    [(3, 1, 1, 7), (3, 2, 1, 8), (3, 2, 1, 7), (3, 4, 1, 14), (3, 8, 1, 16), (9, 8, 4, 16), (5, 4, 2, 12), (2, 2, 0, 6), (3, 3, 0, 5)],
+)
+def test_depthwise_conv_backward_equals_autograd(nd, kernel, stride, padding, size):
+    """Both input-gradient paths (tap scatter where windows don't overlap, per-phase forward convs where they
+    do) and the tap-by-tap weight gradient match autograd through F.conv3d/conv2d (float64)."""
+    from mvit.ops import depthwise_conv_cl
+
+    gen = torch.Generator().manual_seed(kernel * 100 + stride * 10 + size)
+    c = 5
+    k = (3,) * (nd - 2) + (kernel, kernel)
+    s = (1,) * (nd - 2) + (stride, stride)
+    p = (1,) * (nd - 2) + (padding, padding)
+    shape = (2,) + (4,) * (nd - 2) + (size, size + 1, c)  # H != W on purpose
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((c, 1) + k, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = depthwise_conv_cl(x, w, s, p)
+    conv = F.conv3d if nd == 3 else F.conv2d
+    ref = conv(x.movedim(-1, 1), w, None, s, p, 1, c).movedim(1, -1)
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, w), gy)
+    want = torch.autograd.grad(ref, (x, w), gy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
