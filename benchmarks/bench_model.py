@@ -1,6 +1,6 @@
 """Forward+backward of ``mvit_b_16x4`` (ours) against torchvision's ``mvit_v1_b`` on identical weights and input.
 
-    python benchmarks/bench_model.py [--rounds 3] [--threads 2] [--iters 2]
+    python benchmarks/bench_model.py [--rounds 5] [--threads 2] [--iters 2]
 
 How it measures (so that the numbers can be trusted):
 * Both models hold the same weights: torchvision's model is built from a fixed seed and its state dict is
@@ -178,7 +178,7 @@ def compare(args: argparse.Namespace, device: str, batch: int, bf16: bool, iters
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=2, help="timed steps per run (after 1 warm-up step)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1))
     p.add_argument("--no-cuda", action="store_true", help="skip the bf16 GPU comparison even if CUDA is present")
