@@ -79,6 +79,13 @@ def _register(cfg) -> dict:
     return run(cfg)
 
 
+# What each stage command runs on its typed config; the result is the JSON line it prints. The workflow's
+# in-process stages (pipelines/workflow/stages.py) run the same functions, so both give one result shape.
+STAGE_RUNNERS: dict[str, Callable[[object], dict]] = {
+    "preprocess": _preprocess, "train": _train, "evaluate": _evaluate, "register": _register,
+}
+
+
 def _demo_data(ns) -> int:
     from pipelines.data.synthetic import SyntheticSpec, generate
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from pipelines.cli import STAGE_RUNNERS
 from pipelines.config import print_effective
 from pipelines.workflow.config import WorkflowSettings
 
@@ -49,36 +50,8 @@ def last_json_object(logs: str) -> dict:
     raise StageError("the job finished but printed no JSON result line; see its log")
 
 
-def _preprocess(cfg) -> dict:
-    from pipelines.preprocess.job import run
-
-    manifest = run(cfg)
-    return {"output": cfg.output, "num_samples": manifest.num_samples, "quarantined": manifest.quarantined,
-            "shards": len(manifest.shards)}
-
-
-def _train(cfg) -> dict:
-    from pipelines.train.job import run
-
-    return run(cfg).as_dict()
-
-
-def _evaluate(cfg) -> dict:
-    from pipelines.evaluate.job import run
-
-    return run(cfg)
-
-
-def _register(cfg) -> dict:
-    from pipelines.register.job import run
-
-    return run(cfg)
-
-
-# The same result dicts the `mvit <stage>` commands print, so both ways of running give the asset one shape.
-IN_PROCESS: dict[str, Callable[[Any], dict]] = {
-    "preprocess": _preprocess, "train": _train, "evaluate": _evaluate, "register": _register,
-}
+# The functions behind the `mvit <stage>` commands, so both ways of running give the asset one result shape.
+IN_PROCESS: dict[str, Callable[[Any], dict]] = STAGE_RUNNERS
 
 
 def run_as_ray_job(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
