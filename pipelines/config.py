@@ -50,6 +50,16 @@ def _explain(exc: OmegaConfBaseException, cls: type, origin: str) -> ConfigError
     return ConfigError(f"{origin}: invalid config at '{key}': {str(exc).splitlines()[0]}")
 
 
+def read_yaml_file(path: Path, what: str = "config file") -> Any:
+    """The parsed YAML at `path` ({} when empty); a missing file or bad YAML is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *, section: str | None = None
 ) -> T:
@@ -59,12 +69,7 @@ def load_config(
     merged = OmegaConf.structured(cls)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
         if section is not None and set(data) & STAGE_SECTIONS:

@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipelines.config import STAGE_SECTIONS, ConfigError, load_config
+from pipelines.config import STAGE_SECTIONS, ConfigError, load_config, read_yaml_file
 from pipelines.data import storage
 from pipelines.evaluate.job import EvaluateConfig
 from pipelines.preprocess.job import PreprocessConfig
@@ -110,12 +108,7 @@ STAGE_CLASSES = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate
 def _read_sections(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    if not path.is_file():
-        raise ConfigError(f"workflow config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml_file(path, "workflow config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(sorted(STAGE_SECTIONS))})")
     unknown = set(data) - STAGE_SECTIONS
