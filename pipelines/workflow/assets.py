@@ -67,9 +67,9 @@ def source_fingerprint(uri: str) -> str:
 
 def generate_synthetic(settings: WorkflowSettings) -> tuple[str, int]:
     """Write the synthetic set to raw_dir (through a temp dir and an upload when raw_dir is s3://)."""
-    from pipelines.data.synthetic import SyntheticSpec, generate
+    from pipelines.data.synthetic import generate
 
-    spec = SyntheticSpec(**dataclasses.asdict(settings.synthetic))
+    spec = settings.synthetic
     raw_dir = settings.resolved_raw_dir()
     if not storage.is_s3(raw_dir):
         generate(raw_dir, spec)

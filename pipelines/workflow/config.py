@@ -26,6 +26,7 @@ from typing import Any
 
 from pipelines.config import STAGE_SECTIONS, ConfigError, load_config, read_yaml_file
 from pipelines.data import storage
+from pipelines.data.synthetic import SyntheticSpec
 from pipelines.evaluate.job import EvaluateConfig
 from pipelines.preprocess.job import PreprocessConfig
 from pipelines.register.job import RegisterConfig
@@ -39,22 +40,12 @@ FROM_UPSTREAM = "<set by the workflow from the upstream asset>"
 
 
 @dataclass
-class SyntheticSourceConfig:
-    """The synthetic motion set (pipelines/data/synthetic.py), generated when `workflow.source` is empty."""
-
-    classes: int = 8
-    videos_per_class: int = 20
-    frames: int = 16
-    size: int = 48
-    seed: int = 0
-
-
-@dataclass
 class WorkflowSettings:
     state_dir: str = ".state/workflow"  # Dagster home (<state_dir>/dagster) and default data locations
     dagster_home: str = ""  # "" = <state_dir>/dagster
     source: str = ""  # raw videos (folder or annotation file, local or s3://); "" = generate the synthetic set
-    synthetic: SyntheticSourceConfig = field(default_factory=SyntheticSourceConfig)
+    # the synthetic motion set generated when `source` is empty; smaller than the demo's by default
+    synthetic: SyntheticSpec = field(default_factory=lambda: SyntheticSpec(videos_per_class=20, size=48))
     raw_dir: str = ""  # where the synthetic set is written (local or s3://); "" = <state_dir>/raw
     dataset: str = ""  # preprocessed dataset prefix (preprocess.output); "" = <state_dir>/dataset
     storage_path: str = ""  # checkpoints (train.storage_path); "" = <state_dir>/runs
