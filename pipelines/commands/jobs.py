@@ -20,7 +20,7 @@ def _when(ms: int | None) -> str:
 def _describe(job) -> dict:
     return {
         "submission_id": job.submission_id,
-        "status": str(getattr(job.status, "value", job.status)),
+        "status": submit.status_name(job.status),
         "entrypoint": job.entrypoint,
         "message": job.message or "",
         "start_time": _when(job.start_time),

@@ -132,8 +132,13 @@ def submit_job(client, mvit_args: list[str], *, working_dir: str | None = ".", e
                              entrypoint_num_cpus=entrypoint_num_cpus, metadata=metadata or {})
 
 
+def status_name(status) -> str:
+    """A JobStatus (an enum in Ray's client, a plain string in some of its replies) as its name."""
+    return str(getattr(status, "value", status))
+
+
 def status_of(client, job_id: str) -> str:
-    return str(getattr(client.get_job_status(job_id), "value", client.get_job_status(job_id)))
+    return status_name(client.get_job_status(job_id))
 
 
 def wait(client, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from typing import Any
 
 from pipelines.cli import STAGE_RUNNERS
@@ -50,10 +49,6 @@ def last_json_object(logs: str) -> dict:
     raise StageError("the job finished but printed no JSON result line; see its log")
 
 
-# The functions behind the `mvit <stage>` commands, so both ways of running give the asset one result shape.
-IN_PROCESS: dict[str, Callable[[Any], dict]] = STAGE_RUNNERS
-
-
 def run_as_ray_job(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
     from pipelines.commands import submit
 
@@ -74,4 +69,5 @@ def run_stage(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
     print_effective(stage, cfg)
     if settings.ray_address:
         return run_as_ray_job(stage, cfg, settings)
-    return IN_PROCESS[stage](cfg)
+    # the functions behind the `mvit <stage>` commands: both ways of running give the asset one result shape
+    return STAGE_RUNNERS[stage](cfg)
