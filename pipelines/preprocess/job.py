@@ -216,11 +216,15 @@ def process_part(
     index: list[dict] = []  # one line per written sample, for `mvit shards stats|verify`
     shards: list[dict] = []
     bytes_in = 0
-    # A fixed scratch folder per (output, part): the retry of a killed task clears what its predecessor left.
+    # A scratch folder of its own per attempt: a task of a killed driver may still be running this part
+    # when the rerun starts it again, and the two must not write into (or delete) one folder. Folders
+    # that earlier attempts of this (output, part) left behind are cleared (an orphan whose folder goes
+    # fails, which costs nothing: no driver waits for its result). Shard names and bytes do not depend on it.
     output_id = hashlib.sha1(f"{cfg.output}|{fingerprint}".encode()).hexdigest()[:12]
-    scratch = Path(tempfile.gettempdir()) / f"mvit-part-{output_id}-{part.part_id}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    prefix = f"mvit-part-{output_id}-{part.part_id}-"
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         closed: list[tuple[str, int]] = []
         counts: dict[str, int] = {}
