@@ -11,6 +11,7 @@ Plan on the driver, work in Ray Data tasks, commit on the driver:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from omegaconf import MISSING
@@ -312,6 +314,27 @@ def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessCon
     return {"result": process_part(Part.from_json(row["part"]), label_map, cfg, fingerprint)}
 
 
+@contextlib.contextmanager
+def _all_workers_from_the_start() -> Iterator[None]:
+    """Run a Ray Data execution with per-operator resource reservation off.
+
+    With it on (Ray's default), a single map operator is held to one task until its first task has
+    produced output (`backpressured:tasks(ResourceBudget)` in Ray Data's progress log): the other
+    workers idle for the whole first part, minutes on real parts. This job has one operator whose
+    outputs are a few hundred bytes per part, which is the case reservation does not help; the worker
+    count is capped by the TaskPoolStrategy anyway.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = old
+
+
 def _load_done(cfg: PreprocessConfig, parts: list[Part], fingerprint: str) -> dict[str, dict]:
     """Parts an earlier run finished for the same inputs and config, with every shard still in place.
     A part that met an unexpected error (a bug, not a bad video) is not trusted and is redone."""
@@ -397,7 +420,9 @@ def run(cfg: PreprocessConfig) -> Manifest:
 
     parts = plan_parts(records, cfg)
     done = _load_done(cfg, parts, fingerprint)
-    todo = [p for p in parts if p.part_id not in done]
+    # Largest parts first (by source bytes): the job then ends on small parts, and workers finish
+    # closer together than in planning order (the output does not depend on the order).
+    todo = sorted((p for p in parts if p.part_id not in done), key=lambda p: -sum(r.size for r in p.records))
     print(
         f"[preprocess] {inputs} inputs ({len(rejected)} rejected while listing), {len(label_map)} labels, "
         f"{len(parts)} parts ({len(done)} already done)",
@@ -410,24 +435,25 @@ def run(cfg: PreprocessConfig) -> Manifest:
 
         ensure_ray(cfg.ray)
         # Parts travel as JSON (an Arrow string column) rather than pickled dataclasses.
-        items = [{"part": json.dumps(dataclasses.asdict(p))} for p in todo]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items))
-        # One task per part. Ray retries a task whose worker died; a retried part rewrites the same bytes
-        # under the same names. Retries are bounded (Ray Data's default is forever), so an input that
-        # kills every worker it meets ends the job with an error instead of looping.
-        with warnings.catch_warnings():
-            # Ray 2.60 has no named parameter for max_retries yet; passing it the old way warns.
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            mapped = dataset.map(
-                process_part_row,
-                fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
-                num_cpus=cfg.cpus_per_task,
-                compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
-                max_retries=cfg.max_task_retries,
-            )
-        for row in mapped.iter_rows():
-            results.append(row["result"])
-            progress.update(row["result"])
+        with _all_workers_from_the_start():  # set before the dataset is made: it copies the context
+            items = [{"part": json.dumps(dataclasses.asdict(p))} for p in todo]
+            dataset = ray.data.from_items(items, override_num_blocks=len(items))
+            # One task per part. Ray retries a task whose worker died; a retried part rewrites the same bytes
+            # under the same names. Retries are bounded (Ray Data's default is forever), so an input that
+            # kills every worker it meets ends the job with an error instead of looping.
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for max_retries yet; passing it the old way warns.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                mapped = dataset.map(
+                    process_part_row,
+                    fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
+                    num_cpus=cfg.cpus_per_task,
+                    compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
+                    max_retries=cfg.max_task_retries,
+                )
+            for row in mapped.iter_rows():
+                results.append(row["result"])
+                progress.update(row["result"])
 
     results.sort(key=lambda r: r["part_id"])
     shards = [ShardInfo(**s) for r in results for s in r["shards"]]
