@@ -1,6 +1,6 @@
 """Preprocessing: Ray job vs a plain PyAV loop, shard bytes vs source, stored format, worker memory.
 
-    python benchmarks/bench_preprocess.py [--videos 32] [--rounds 3]
+    python benchmarks/bench_preprocess.py [--videos 32] [--rounds 5]
 
 (a) Throughput. The same decode -> resize (short side 320) -> re-encode (`_encode_video`, what the job's
     tasks run) over the same files: a single-process loop, the Ray job with 1 worker and with 2 workers
@@ -183,7 +183,7 @@ def feasible_clips_per_s(cost: dict, loader_cores: int, network_gbps: float) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--videos", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--gpu-clips-per-s", type=float, default=40.0, help="training clips/s one GPU consumes (format decision)")
     p.add_argument("--loader-cores", type=int, default=64, help="decoding cores of an 8-GPU node (format decision)")
     p.add_argument("--network-gbps", type=float, default=25.0, help="network of an 8-GPU node (format decision)")
