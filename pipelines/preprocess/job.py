@@ -20,9 +20,9 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Callable
 
 from omegaconf import MISSING
@@ -318,11 +318,12 @@ def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessCon
 def _all_workers_from_the_start() -> Iterator[None]:
     """Run a Ray Data execution with per-operator resource reservation off.
 
-    With it on (Ray's default), a single map operator is held to one task until its first task has
-    produced output (`backpressured:tasks(ResourceBudget)` in Ray Data's progress log): the other
-    workers idle for the whole first part, minutes on real parts. This job has one operator whose
-    outputs are a few hundred bytes per part, which is the case reservation does not help; the worker
-    count is capped by the TaskPoolStrategy anyway.
+    With it on (Ray's default), a lone map operator starts with one task (`backpressured:tasks(
+    ResourceBudget)` in Ray Data's progress log) and adds more only after its next resource refresh or
+    its first output: on the benchmark the second worker idled through the whole first part (~5 s of a
+    35 s job), on real parts it would be minutes. Reservation shares resources between operators;
+    this job has one, whose outputs are a few hundred bytes per part, and its TaskPoolStrategy caps the
+    worker count anyway.
     """
     from ray.data import DataContext
 
