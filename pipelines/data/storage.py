@@ -8,6 +8,7 @@ pyarrow's S3FileSystem ignores AWS_ENDPOINT_URL, so `pyarrow_filesystem` passes 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import tempfile
@@ -22,6 +23,10 @@ import botocore.exceptions
 
 class StorageError(RuntimeError):
     """A storage location cannot be used; the message says which and what to check."""
+
+
+# What a failed S3 request raises once botocore's retries are spent (a storage failure, not bad data).
+S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 def is_s3(uri: str) -> bool:
@@ -112,9 +117,15 @@ def exists(uri: str) -> bool:
 
 
 def size(uri: str) -> int:
+    """Bytes of a file or object; a missing one raises FileNotFoundError (local or S3 alike)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        try:
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(f"{uri} does not exist") from None
+            raise
     return local_path(uri).stat().st_size
 
 
@@ -140,6 +151,71 @@ def open_read(uri: str) -> IO[bytes]:
     if is_s3(uri):
         return _get_object(uri)
     return open(local_path(uri), "rb")
+
+
+class _CountingFile(io.FileIO):
+    """A local file that counts the bytes read from it."""
+
+    bytes_read = 0
+
+    def readinto(self, buffer) -> int | None:
+        n = super().readinto(buffer)
+        self.bytes_read += n or 0
+        return n
+
+
+class _S3Range(io.RawIOBase):
+    """A seekable S3 object: each read is one ranged GetObject (retried by botocore like every request).
+
+    Wrapped in an io.BufferedReader by `open_seekable`, so a reader's small reads become a few large
+    ranged requests and seeks within the buffer cost nothing.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._bucket, self._key = split_s3(uri)
+        self._size = size(uri)
+        self._pos = 0
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset} in {self.uri}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self._size - self._pos)
+        if count <= 0:
+            return 0
+        byte_range = f"bytes={self._pos}-{self._pos + count - 1}"
+        data = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=byte_range)["Body"].read()
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        self.bytes_read += len(data)
+        return len(data)
+
+
+SEEK_BUFFER_BYTES = 8 << 20  # bytes per ranged request of open_seekable (and skipped without a request)
+
+
+def open_seekable(uri: str, buffer_size: int | None = None) -> io.BufferedReader:
+    """A buffered, seekable reader that fetches only the ranges read (a demuxer seeking to a time range
+    reads the index and that range, not the whole file). `reader.raw.bytes_read`: bytes fetched so far."""
+    buffer_size = buffer_size or SEEK_BUFFER_BYTES
+    if is_s3(uri):
+        return io.BufferedReader(_S3Range(uri), buffer_size=buffer_size)
+    return io.BufferedReader(_CountingFile(local_path(uri), "r"), buffer_size=buffer_size)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -12,6 +12,7 @@ import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -57,17 +58,26 @@ def target_size(width: int, height: int, short_side: int, min_short_side: int) -
     return new_w, new_h
 
 
-def _open(data: bytes):
-    if not data:
-        raise VideoError("empty file")
+# A video in memory, or a seekable binary file (storage.open_seekable: a long movie of which only a time
+# range is wanted is then read by ranges instead of downloaded whole).
+VideoInput = bytes | BinaryIO
+
+
+def _open(data: VideoInput):
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if not data:
+            raise VideoError("empty file")
+        data = io.BytesIO(data)
+    else:
+        data.seek(0)  # the same file object may serve several time ranges in turn
     try:
-        return av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+        return av.open(data, mode="r", metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise VideoError("undecodable", str(exc)) from None
 
 
 def iter_frames(
-    data: bytes,
+    data: VideoInput,
     info: SourceInfo,
     *,
     short_side: int = 0,
@@ -253,7 +263,7 @@ def encode_mp4(frames: np.ndarray, fps: float, **options) -> bytes:
 
 
 def transcode(
-    data: bytes,
+    data: VideoInput,
     *,
     short_side: int,
     min_short_side: int = 0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -78,6 +79,10 @@ class PreprocessConfig:
     max_frames: int = 0  # keep at most this many frames per video (0: all)
     val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
     target_shard_bytes: int = 1_000_000_000
+    # Inputs with a time range (AVA chunks, trimmed clips) in files at least this big are read by seeking
+    # (ranged reads of the index and the range) instead of downloaded whole: a 2 GB movie cut into
+    # chunks then costs its chunks' bytes, not 2 GB of worker memory per part.
+    stream_min_bytes: int = 256_000_000
     max_samples_per_shard: int = 0  # 0: limited by target_shard_bytes only
     image_quality: int = 90  # JPEG quality of image samples (imagefolder)
     ava: AvaOptions = field(default_factory=AvaOptions)
@@ -98,7 +103,7 @@ class PreprocessConfig:
     def output_affecting(self) -> dict[str, Any]:
         """The fields that change what gets written (workers and Ray address do not)."""
         data = dataclasses.asdict(self)
-        for name in ("num_workers", "cpus_per_task", "ray", "output"):
+        for name in ("num_workers", "cpus_per_task", "ray", "output", "stream_min_bytes"):
             data.pop(name)
         return data
 
@@ -175,7 +180,7 @@ def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
     return parts
 
 
-def _encode_video(record: VideoRecord, data: bytes, cfg: PreprocessConfig) -> tuple[bytes, dict]:
+def _encode_video(record: VideoRecord, data: bytes | io.BufferedReader, cfg: PreprocessConfig) -> tuple[bytes, dict]:
     """Streamed decode -> trim -> upright -> resize -> constant fps -> re-encode; VideoError if unusable."""
     from pipelines.data.video import VideoError, transcode
 
@@ -227,6 +232,7 @@ def process_part(
     for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    reader: io.BufferedReader | None = None  # the current source, when it is read by ranges
     try:
         closed: list[tuple[str, int]] = []
         counts: dict[str, int] = {}
@@ -248,19 +254,26 @@ def process_part(
             if on_video is not None and position:
                 on_video(position)
             if record.source != source:  # consecutive records of one file (AVA chunks) read it once
+                bytes_in += _close_reader(reader)
+                reader = None
                 try:
-                    source, data = record.source, storage.read_bytes(record.source)
+                    source, data = record.source, _read_source(record, cfg)
                 except FileNotFoundError:
                     quarantine.append({"source": record.source, "key": record.key, "reason": "missing file", "detail": ""})
                     source, data = None, b""
                     continue
-                bytes_in += len(data)
+                if isinstance(data, bytes):
+                    bytes_in += len(data)
+                else:
+                    reader = data
             image = record.media == "image"
             try:
                 media, video_meta = _encode_image(data, cfg) if image else _encode_video(record, data, cfg)
             except VideoError as exc:
                 quarantine.append({"source": record.source, "key": record.key, "reason": exc.reason, "detail": exc.detail})
                 continue
+            except storage.S3_ERRORS:
+                raise  # a ranged read failed after botocore's retries: storage's fault, the task is retried
             except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
                 quarantine.append({"source": record.source, "key": record.key, "reason": UNEXPECTED,
                                    "detail": f"{type(exc).__name__}: {exc}"})
@@ -280,6 +293,8 @@ def process_part(
             index.append({"key": record.key, "shard": Path(writer.fname).name, "bytes": len(media),
                           **{k: meta[k] for k in INDEX_FIELDS}})
         writer.close()
+        bytes_in += _close_reader(reader)
+        reader = None
         if on_video is not None:
             on_video(len(part.records))
         for path, count in closed:
@@ -292,6 +307,7 @@ def process_part(
             shards.append({"url": url, "split": part.split, "num_samples": count,
                            "bytes": os.path.getsize(path), "sha256": sha256})
     finally:
+        _close_reader(reader)
         shutil.rmtree(scratch, ignore_errors=True)
     for entry in index:
         entry["shard"] = f"{SHARD_DIR}/{entry['shard']}"
@@ -307,6 +323,21 @@ def process_part(
     # The record is the commit point of a part: written after every one of its tars is in place.
     storage.write_bytes(storage.join(cfg.output, PARTS_DIR, f"{part.part_id}.json"), json.dumps(result).encode())
     return result
+
+
+def _read_source(record: VideoRecord, cfg: PreprocessConfig) -> bytes | io.BufferedReader:
+    """The source's bytes, or for a time range of a big file a seekable reader (the caller closes it)."""
+    if record.start_s is not None and record.media != "image" and storage.size(record.source) >= cfg.stream_min_bytes:
+        return storage.open_seekable(record.source)
+    return storage.read_bytes(record.source)
+
+
+def _close_reader(reader: io.BufferedReader | None) -> int:
+    """Close a seekable source reader (None: nothing to do); returns the bytes it fetched."""
+    if reader is None:
+        return 0
+    reader.close()
+    return reader.raw.bytes_read
 
 
 def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessConfig, fingerprint: str) -> dict:

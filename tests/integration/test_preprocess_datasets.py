@@ -159,3 +159,47 @@ def test_image_folder_becomes_jpeg_samples(ray_session, tmp_path):
     assert tuple(image.shape) == (3, 32, 48)
     assert image[0, :, :24].float().mean() > image[0, :, 24:].float().mean() + 80  # bright left half kept
     assert np.unique([int(s["cls"]) for s, _ in metas.values()]).tolist() == [0, 1]
+
+
+def test_time_ranges_of_a_big_s3_file_are_read_by_ranges(s3, tmp_path, monkeypatch):
+    """Cuts of a long video (AVA chunks): over `stream_min_bytes` a part seeks and fetches the index and
+    its ranges only, and writes the same shard bytes as when it downloads the whole file."""
+    from pipelines.data import storage
+    from pipelines.data.sources import VideoRecord
+    from pipelines.preprocess.job import Part, process_part
+
+    movie = media.good(frames=300, height=120, width=160, seed=3)  # 20 s at 15 fps
+    s3.put_object(Bucket="mvit", Key="raw/long/movie.mp4", Body=movie)
+    records = [VideoRecord(key=f"movie_{t}s", source="s3://mvit/raw/long/movie.mp4", label="a", split="train",
+                           start_s=float(t), end_s=t + 1.0, size=len(movie) // 20) for t in (6, 12)]
+    records.append(VideoRecord(key="gone_0s", source="s3://mvit/raw/long/gone.mp4", label="a", split="train",
+                               start_s=0.0, end_s=1.0, size=1))
+    monkeypatch.setattr(storage, "SEEK_BUFFER_BYTES", 32 * 1024)
+    results = {}
+    for name, threshold in (("whole", 10**12), ("ranged", 0)):
+        cfg = load_config(PreprocessConfig, None, ["source=unused", f"output={tmp_path / name}", "short_side=32",
+                                                  f"stream_min_bytes={threshold}"])
+        results[name] = process_part(Part("train-00000", "train", records), {"a": 0}, cfg, "fingerprint")
+    whole, ranged = results["whole"], results["ranged"]
+    assert ranged["shards"] and [s["sha256"] for s in ranged["shards"]] == [s["sha256"] for s in whole["shards"]]
+    assert sum(s["num_samples"] for s in ranged["shards"]) == 2
+    assert [q["reason"] for q in ranged["quarantine"]] == [q["reason"] for q in whole["quarantine"]] == ["missing file"]
+    assert whole["bytes_in"] == len(movie)  # one download for both cuts
+    assert 0 < ranged["bytes_in"] < len(movie) / 2
+
+
+def test_seekable_s3_reader_returns_the_asked_bytes(s3):
+    from pipelines.data import storage
+
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    s3.put_object(Bucket="mvit", Key="raw/blob.bin", Body=data)
+    with storage.open_seekable("s3://mvit/raw/blob.bin", buffer_size=4096) as reader:
+        reader.seek(700_000)
+        assert reader.read(10) == data[700_000:700_010]
+        reader.seek(-5, io.SEEK_END)
+        assert reader.read() == data[-5:]
+        reader.seek(123)
+        assert reader.read(9000) == data[123:9123]
+        assert reader.raw.bytes_read < 5 * 4096 + 9000
+    with pytest.raises(FileNotFoundError, match="gone.bin"):
+        storage.open_seekable("s3://mvit/raw/gone.bin")

@@ -140,3 +140,21 @@ def test_synthetic_set_does_not_depend_on_the_number_of_processes(tmp_path):
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert len(files) == 41
     assert all((tmp_path / "pool" / f).read_bytes() == (tmp_path / "one" / f).read_bytes() for f in files)
+
+
+def test_seekable_local_reader_reads_only_what_is_asked(tmp_path):
+    import io
+
+    from pipelines.data import storage
+
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    with storage.open_seekable(str(path), buffer_size=4096) as reader:
+        reader.seek(700_000)
+        assert reader.read(10) == data[700_000:700_010]
+        reader.seek(-5, io.SEEK_END)
+        assert reader.read() == data[-5:]
+        assert reader.raw.bytes_read <= 3 * 4096
+    with pytest.raises(FileNotFoundError):
+        storage.open_seekable(str(tmp_path / "gone.bin"))
