@@ -25,8 +25,6 @@ class StorageError(RuntimeError):
     """A storage location cannot be used; the message says which and what to check."""
 
 
-# What a failed S3 request raises once botocore's retries are spent (a storage failure, not bad data).
-S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 def is_s3(uri: str) -> bool:
@@ -164,17 +162,33 @@ class _CountingFile(io.FileIO):
         return n
 
 
+class StorageReadError(OSError):
+    """An object could not be read as it was when the read began (it changed, or the answer was short)."""
+
+
 class _S3Range(io.RawIOBase):
-    """A seekable S3 object: each read is one ranged GetObject (retried by botocore like every request).
+    """A seekable S3 object: each read is one ranged GetObject of the version seen at open (If-Match on
+    its ETag, so an object replaced mid-read fails instead of mixing versions).
 
     Wrapped in an io.BufferedReader by `open_seekable`, so a reader's small reads become a few large
     ranged requests and seeks within the buffer cost nothing.
     """
 
+    # botocore retries a request until its response starts; a connection lost while the body streams
+    # is not retried by it, so the ranged GET is repeated here (a few times, then the error stands).
+    BODY_ATTEMPTS = 3
+
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._bucket, self._key = split_s3(uri)
-        self._size = size(uri)
+        try:
+            head = s3_client().head_object(Bucket=self._bucket, Key=self._key)
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(f"{uri} does not exist") from None
+            raise
+        self._size = int(head["ContentLength"])
+        self._etag = head.get("ETag")
         self._pos = 0
         self.bytes_read = 0
 
@@ -188,34 +202,56 @@ class _S3Range(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise ValueError(f"invalid whence {whence!r}")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         if base + offset < 0:
             raise ValueError(f"negative seek position {base + offset} in {self.uri}")
         self._pos = base + offset
         return self._pos
 
+    def _get(self, first: int, last: int) -> bytes:
+        extra = {"IfMatch": self._etag} if self._etag else {}
+        for attempt in range(self.BODY_ATTEMPTS):
+            try:
+                response = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={first}-{last}", **extra)
+                return response["Body"].read()
+            except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
+                    botocore.exceptions.ReadTimeoutError):
+                if attempt == self.BODY_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def readinto(self, buffer) -> int:
-        count = min(len(buffer), self._size - self._pos)
+        view = memoryview(buffer).cast("B")
+        count = min(len(view), self._size - self._pos)
         if count <= 0:
             return 0
-        byte_range = f"bytes={self._pos}-{self._pos + count - 1}"
-        data = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=byte_range)["Body"].read()
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        self.bytes_read += len(data)
-        return len(data)
+        data = self._get(self._pos, self._pos + count - 1)
+        if len(data) != count:
+            raise StorageReadError(f"{self.uri}: asked for {count} bytes at {self._pos}, got {len(data)}")
+        view[:count] = data
+        self._pos += count
+        self.bytes_read += count
+        return count
 
 
 SEEK_BUFFER_BYTES = 8 << 20  # bytes per ranged request of open_seekable (and skipped without a request)
 
 
 def open_seekable(uri: str, buffer_size: int | None = None) -> io.BufferedReader:
-    """A buffered, seekable reader that fetches only the ranges read (a demuxer seeking to a time range
-    reads the index and that range, not the whole file). `reader.raw.bytes_read`: bytes fetched so far."""
+    """A buffered, seekable reader that fetches only the blocks read: a demuxer seeking to a time range
+    reads the container's header and index and that range, not the whole file (a container without an
+    index is read from its start, which is still no worse than a download). `reader.raw.bytes_read`:
+    bytes fetched so far."""
     buffer_size = buffer_size or SEEK_BUFFER_BYTES
     if is_s3(uri):
         return io.BufferedReader(_S3Range(uri), buffer_size=buffer_size)
     return io.BufferedReader(_CountingFile(local_path(uri), "r"), buffer_size=buffer_size)
+
+
+# What a failed read raises once the retries are spent: a storage failure, not bad data.
+READ_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, StorageReadError)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

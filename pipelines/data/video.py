@@ -68,6 +68,8 @@ def _open(data: VideoInput):
         if not data:
             raise VideoError("empty file")
         data = io.BytesIO(data)
+    elif data.seek(0, io.SEEK_END) == 0:
+        raise VideoError("empty file")
     else:
         data.seek(0)  # the same file object may serve several time ranges in turn
     try:

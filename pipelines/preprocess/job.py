@@ -11,7 +11,6 @@ Plan on the driver, work in Ray Data tasks, commit on the driver:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -21,7 +20,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -272,8 +270,8 @@ def process_part(
             except VideoError as exc:
                 quarantine.append({"source": record.source, "key": record.key, "reason": exc.reason, "detail": exc.detail})
                 continue
-            except storage.S3_ERRORS:
-                raise  # a ranged read failed after botocore's retries: storage's fault, the task is retried
+            except storage.READ_ERRORS:
+                raise  # a ranged read failed after its retries: storage's fault, not the video's (a rerun resumes)
             except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
                 quarantine.append({"source": record.source, "key": record.key, "reason": UNEXPECTED,
                                    "detail": f"{type(exc).__name__}: {exc}"})
@@ -345,26 +343,19 @@ def process_part_row(row: dict, *, label_map: dict[str, int], cfg: PreprocessCon
     return {"result": process_part(Part.from_json(row["part"]), label_map, cfg, fingerprint)}
 
 
-@contextlib.contextmanager
-def _all_workers_from_the_start() -> Iterator[None]:
-    """Run a Ray Data execution with per-operator resource reservation off.
+def _start_all_workers_at_once(dataset) -> None:
+    """Turn off Ray Data's per-operator resource reservation for this dataset's execution only.
 
     With it on (Ray's default), a lone map operator starts with one task (`backpressured:tasks(
     ResourceBudget)` in Ray Data's progress log) and adds more only after its next resource refresh or
     its first output: on the benchmark the second worker idled through the whole first part (~5 s of a
     35 s job), on real parts it would be minutes. Reservation shares resources between operators;
     this job has one, whose outputs are a few hundred bytes per part, and its TaskPoolStrategy caps the
-    worker count anyway.
+    worker count anyway. Set on the dataset's own context copy, so nothing else in the process changes.
     """
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    old = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    try:
-        yield
-    finally:
-        ctx.op_resource_reservation_enabled = old
+    context = dataset.context
+    if hasattr(context, "op_resource_reservation_enabled"):  # a Ray without the flag: nothing to do
+        context.op_resource_reservation_enabled = False
 
 
 def _load_done(cfg: PreprocessConfig, parts: list[Part], fingerprint: str) -> dict[str, dict]:
@@ -467,25 +458,25 @@ def run(cfg: PreprocessConfig) -> Manifest:
 
         ensure_ray(cfg.ray)
         # Parts travel as JSON (an Arrow string column) rather than pickled dataclasses.
-        with _all_workers_from_the_start():  # set before the dataset is made: it copies the context
-            items = [{"part": json.dumps(dataclasses.asdict(p))} for p in todo]
-            dataset = ray.data.from_items(items, override_num_blocks=len(items))
-            # One task per part. Ray retries a task whose worker died; a retried part rewrites the same bytes
-            # under the same names. Retries are bounded (Ray Data's default is forever), so an input that
-            # kills every worker it meets ends the job with an error instead of looping.
-            with warnings.catch_warnings():
-                # Ray 2.60 has no named parameter for max_retries yet; passing it the old way warns.
-                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                mapped = dataset.map(
-                    process_part_row,
-                    fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
-                    num_cpus=cfg.cpus_per_task,
-                    compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
-                    max_retries=cfg.max_task_retries,
-                )
-            for row in mapped.iter_rows():
-                results.append(row["result"])
-                progress.update(row["result"])
+        items = [{"part": json.dumps(dataclasses.asdict(p))} for p in todo]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        # One task per part. Ray retries a task whose worker died; a retried part rewrites the same bytes
+        # under the same names. Retries are bounded (Ray Data's default is forever), so an input that
+        # kills every worker it meets ends the job with an error instead of looping.
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for max_retries yet; passing it the old way warns.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            mapped = dataset.map(
+                process_part_row,
+                fn_kwargs={"label_map": label_map, "cfg": cfg, "fingerprint": fingerprint},
+                num_cpus=cfg.cpus_per_task,
+                compute=ray.data.TaskPoolStrategy(size=cfg.num_workers or None),
+                max_retries=cfg.max_task_retries,
+            )
+        _start_all_workers_at_once(mapped)
+        for row in mapped.iter_rows():
+            results.append(row["result"])
+            progress.update(row["result"])
 
     results.sort(key=lambda r: r["part_id"])
     shards = [ShardInfo(**s) for r in results for s in r["shards"]]

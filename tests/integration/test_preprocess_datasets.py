@@ -161,31 +161,75 @@ def test_image_folder_becomes_jpeg_samples(ray_session, tmp_path):
     assert np.unique([int(s["cls"]) for s, _ in metas.values()]).tolist() == [0, 1]
 
 
+def _cuts_of_a_movie(s3) -> tuple[bytes, list]:
+    """Two 1 s cuts of a 20 s movie on S3, after a missing and an empty source (so the movie's reader is
+    the one open when the part ends)."""
+    from pipelines.data.sources import VideoRecord
+
+    movie = media.good(frames=300, height=120, width=160, seed=3)  # 20 s at 15 fps
+    s3.put_object(Bucket="mvit", Key="raw/long/movie.mp4", Body=movie)
+    s3.put_object(Bucket="mvit", Key="raw/long/empty.mp4", Body=b"")
+
+    def cut(name: str, start: float):
+        return VideoRecord(key=f"{name}_{start:g}s", source=f"s3://mvit/raw/long/{name}.mp4", label="a",
+                           split="train", start_s=start, end_s=start + 1.0, size=len(movie) // 20)
+
+    return movie, [cut("gone", 0.0), cut("empty", 0.0), cut("movie", 6.0), cut("movie", 12.0)]
+
+
+def _process(records, out: Path, stream_min_bytes: int) -> dict:
+    from pipelines.preprocess.job import Part, process_part
+
+    cfg = load_config(PreprocessConfig, None, ["source=unused", f"output={out}", "short_side=32",
+                                              f"stream_min_bytes={stream_min_bytes}"])
+    return process_part(Part("train-00000", "train", records), {"a": 0}, cfg, "fingerprint")
+
+
 def test_time_ranges_of_a_big_s3_file_are_read_by_ranges(s3, tmp_path, monkeypatch):
     """Cuts of a long video (AVA chunks): over `stream_min_bytes` a part seeks and fetches the index and
     its ranges only, and writes the same shard bytes as when it downloads the whole file."""
     from pipelines.data import storage
-    from pipelines.data.sources import VideoRecord
-    from pipelines.preprocess.job import Part, process_part
 
-    movie = media.good(frames=300, height=120, width=160, seed=3)  # 20 s at 15 fps
-    s3.put_object(Bucket="mvit", Key="raw/long/movie.mp4", Body=movie)
-    records = [VideoRecord(key=f"movie_{t}s", source="s3://mvit/raw/long/movie.mp4", label="a", split="train",
-                           start_s=float(t), end_s=t + 1.0, size=len(movie) // 20) for t in (6, 12)]
-    records.append(VideoRecord(key="gone_0s", source="s3://mvit/raw/long/gone.mp4", label="a", split="train",
-                               start_s=0.0, end_s=1.0, size=1))
+    movie, records = _cuts_of_a_movie(s3)
     monkeypatch.setattr(storage, "SEEK_BUFFER_BYTES", 32 * 1024)
-    results = {}
-    for name, threshold in (("whole", 10**12), ("ranged", 0)):
-        cfg = load_config(PreprocessConfig, None, ["source=unused", f"output={tmp_path / name}", "short_side=32",
-                                                  f"stream_min_bytes={threshold}"])
-        results[name] = process_part(Part("train-00000", "train", records), {"a": 0}, cfg, "fingerprint")
-    whole, ranged = results["whole"], results["ranged"]
+    whole = _process(records, tmp_path / "whole", 10**12)
+    ranged = _process(records, tmp_path / "ranged", 0)
     assert ranged["shards"] and [s["sha256"] for s in ranged["shards"]] == [s["sha256"] for s in whole["shards"]]
     assert sum(s["num_samples"] for s in ranged["shards"]) == 2
-    assert [q["reason"] for q in ranged["quarantine"]] == [q["reason"] for q in whole["quarantine"]] == ["missing file"]
+    reasons = ["missing file", "empty file"]
+    assert [q["reason"] for q in ranged["quarantine"]] == [q["reason"] for q in whole["quarantine"]] == reasons
     assert whole["bytes_in"] == len(movie)  # one download for both cuts
     assert 0 < ranged["bytes_in"] < len(movie) / 2
+
+
+def test_a_failing_ranged_read_fails_the_part_instead_of_quarantining(s3, tmp_path, monkeypatch):
+    """S3 answering 500 to every ranged GET (after botocore's retries) is a storage failure: the part
+    raises and records nothing, so a rerun redoes it; the video is not quarantined as bad."""
+    import botocore.exceptions
+
+    from pipelines.data import storage
+    from pipelines.preprocess.job import PARTS_DIR
+
+    _, records = _cuts_of_a_movie(s3)
+    real_client = storage.s3_client
+
+    class RangedGetsFail:
+        def __init__(self, client):
+            self._client = client
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+        def get_object(self, **kwargs):
+            if "Range" in kwargs:
+                error = {"Error": {"Code": "InternalError", "Message": "injected"}, "ResponseMetadata": {"HTTPStatusCode": 500}}
+                raise botocore.exceptions.ClientError(error, "GetObject")
+            return self._client.get_object(**kwargs)
+
+    monkeypatch.setattr(storage, "s3_client", lambda *a, **k: RangedGetsFail(real_client(*a, **k)))
+    with pytest.raises(botocore.exceptions.ClientError, match="injected"):
+        _process(records, tmp_path / "ds", 0)
+    assert not (tmp_path / "ds" / PARTS_DIR).exists()
 
 
 def test_seekable_s3_reader_returns_the_asked_bytes(s3):
