@@ -25,8 +25,6 @@ class StorageError(RuntimeError):
     """A storage location cannot be used; the message says which and what to check."""
 
 
-
-
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -114,16 +112,21 @@ def exists(uri: str) -> bool:
     return local_path(uri).exists()
 
 
+def _head(uri: str) -> dict:
+    """HeadObject; a missing key raises FileNotFoundError like a missing local file does."""
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if _is_missing(exc):
+            raise FileNotFoundError(f"{uri} does not exist") from None
+        raise
+
+
 def size(uri: str) -> int:
     """Bytes of a file or object; a missing one raises FileNotFoundError (local or S3 alike)."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(f"{uri} does not exist") from None
-            raise
+        return int(_head(uri)["ContentLength"])
     return local_path(uri).stat().st_size
 
 
@@ -166,6 +169,11 @@ class StorageReadError(OSError):
     """An object could not be read as it was when the read began (it changed, or the answer was short)."""
 
 
+# A connection lost while a response body streams (botocore's retries end once the response has begun).
+_BODY_ERRORS = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
+                botocore.exceptions.ReadTimeoutError)
+
+
 class _S3Range(io.RawIOBase):
     """A seekable S3 object: each read is one ranged GetObject of the version seen at open (If-Match on
     its ETag, so an object replaced mid-read fails instead of mixing versions).
@@ -174,19 +182,12 @@ class _S3Range(io.RawIOBase):
     ranged requests and seeks within the buffer cost nothing.
     """
 
-    # botocore retries a request until its response starts; a connection lost while the body streams
-    # is not retried by it, so the ranged GET is repeated here (a few times, then the error stands).
-    BODY_ATTEMPTS = 3
+    BODY_ATTEMPTS = 3  # ranged GETs per block when the body is cut off (_BODY_ERRORS); then the error stands
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._bucket, self._key = split_s3(uri)
-        try:
-            head = s3_client().head_object(Bucket=self._bucket, Key=self._key)
-        except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(f"{uri} does not exist") from None
-            raise
+        head = _head(uri)
         self._size = int(head["ContentLength"])
         self._etag = head.get("ETag")
         self._pos = 0
@@ -211,16 +212,15 @@ class _S3Range(io.RawIOBase):
         return self._pos
 
     def _get(self, first: int, last: int) -> bytes:
-        extra = {"IfMatch": self._etag} if self._etag else {}
-        for attempt in range(self.BODY_ATTEMPTS):
+        request = {"Bucket": self._bucket, "Key": self._key, "Range": f"bytes={first}-{last}"}
+        if self._etag:
+            request["IfMatch"] = self._etag
+        for _ in range(self.BODY_ATTEMPTS - 1):
             try:
-                response = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={first}-{last}", **extra)
-                return response["Body"].read()
-            except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
-                    botocore.exceptions.ReadTimeoutError):
-                if attempt == self.BODY_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+                return s3_client().get_object(**request)["Body"].read()
+            except _BODY_ERRORS:
+                continue
+        return s3_client().get_object(**request)["Body"].read()
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
