@@ -12,12 +12,17 @@ Where this differs from the reference code, it computes the same function faster
 * attention goes through ``F.scaled_dot_product_attention`` (a fused kernel: the attention matrix is not
   kept for backward); MViTv2's decomposed relative position terms become its additive ``attn_mask``;
 * pooling runs on a channels-last view of the tokens, so the ``permute(...).contiguous()`` round trips
-  of the reference are gone (the conv / max-pool kernels take channels-last input directly).
+  of the reference are gone (the conv / max-pool kernels take channels-last input directly);
+* K and V are projected only for the tokens their pooling windows read (``kv_windows``: 9 of every 64 in
+  MViT-B's first block, 9 of 16 in the next two), where the reference projects every token and pools
+  3x3 of each 8x8 of them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BlockSpec, MViTConfig
 from .heads import ClassificationHead
-from .ops import attention, depthwise_conv_cl, gelu_linear, heads_linear
+from .ops import attention, depthwise_conv_cl, fast_paths_enabled, gelu_linear, heads_linear
 
 Grid = tuple[int, ...]
 
@@ -79,19 +84,23 @@ class PatchEmbed(nn.Module):
 
 
 def pool_tokens(
-    x: torch.Tensor, grid: Grid, pool: nn.Module, norm: nn.Module | None = None
+    x: torch.Tensor, grid: Grid, pool: nn.Module, norm: nn.Module | None = None, window: KVWindows | None = None
 ) -> tuple[torch.Tensor, Grid]:
     """Pool ``x`` of shape ``(B, [heads,] 1 + L, C)`` over its token grid; the class token skips the pool.
 
     The grid tokens are viewed channels-last (``(B', C, *grid)`` with C fastest), which conv and max-pool
-    accept without a layout copy; the result is viewed back to tokens the same way.
+    accept without a layout copy; the result is viewed back to tokens the same way. With ``window``, ``x``
+    holds only the tokens that the pooling conv's windows read (see :func:`kv_windows`).
     """
     lead = x.shape[:-2]
     c = x.shape[-1]
     cls_tok = x[..., :1, :]
+    if window is not None:
+        grid = window.grid
     g = x[..., 1:, :].reshape((-1,) + grid + (c,))
     if isinstance(pool, (nn.Conv2d, nn.Conv3d)):  # depthwise pooling conv
-        g = depthwise_conv_cl(g, pool.weight, pool.stride, pool.padding)
+        stride, padding = (window.stride, window.padding) if window is not None else (pool.stride, pool.padding)
+        g = depthwise_conv_cl(g, pool.weight, stride, padding)
     else:
         g = pool(g.movedim(-1, 1)).movedim(1, -1)
     new_grid = tuple(g.shape[1:-1])
@@ -99,6 +108,46 @@ def pool_tokens(
     if norm is not None:
         x = norm(x)
     return x, new_grid
+
+
+@dataclass(frozen=True)
+class KVWindows:
+    """The tokens a K/V pooling conv reads, when its windows leave some out: ``index`` into the tokens
+    (class token first), their ``grid``, and the stride and padding of the same conv on that grid."""
+
+    index: torch.Tensor
+    grid: Grid
+    stride: Grid
+    padding: Grid
+
+
+@functools.lru_cache(maxsize=256)
+def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid) -> KVWindows | None:
+    """Which tokens a pooling conv reads, or None if it reads them all.
+
+    MViT pools K and V with 3-wide kernels at strides up to 8 (``[1, 8, 8]`` in the first stage): along such
+    an axis each output reads 3 of every 8 positions, so K and V of the other tokens (86% of the first
+    stage's) are computed and never used. The windows of an axis with ``kernel <= stride`` don't overlap;
+    laid side by side, the positions they read form a grid on which the same conv runs with stride =
+    kernel. Its padding stays the same: the positions a window reads outside the input (zeros) are only at
+    the two ends, the same ones the padding supplied before.
+    """
+    keep, new_stride = [], []
+    for size, k, s, p in zip(grid, kernel, stride, padding):
+        if k > s:  # overlapping windows read every position
+            keep.append(list(range(size)))
+            new_stride.append(s)
+            continue
+        out = (size + 2 * p - k) // s + 1
+        keep.append([i for o in range(out) for j in range(k) if 0 <= (i := o * s - p + j) < size])
+        new_stride.append(k)
+    if all(len(kept) == size for kept, size in zip(keep, grid)):
+        return None
+    flat = torch.zeros((), dtype=torch.long)
+    for kept, size in zip(keep, grid):
+        flat = flat.unsqueeze(-1) * size + torch.tensor(kept)
+    index = torch.cat((torch.zeros(1, dtype=torch.long), 1 + flat.flatten()))
+    return KVWindows(index, tuple(len(kept) for kept in keep), tuple(new_stride), tuple(padding))
 
 
 def _rel_pos_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
@@ -177,23 +226,49 @@ class MultiScaleAttention(nn.Module):
         ).reshape(b, n, qt * qh * qw, kt * kh * kw)
         return F.pad(bias, (1, 0, 1, 0))
 
+    def _qkv_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Outputs ``start * dim_out : stop * dim_out`` of the fused qkv projection (q: 0, 1; k and v: 1, 3)."""
+        d, bias = self.dim_out, self.qkv.bias
+        return F.linear(x, self.qkv.weight[start * d : stop * d], None if bias is None else bias[start * d : stop * d])
+
+    def _kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the tokens ``x``, each ``(B, heads, N, head_dim)``."""
+        b, n, _ = x.shape
+        kv = self._qkv_rows(x, 1, 3).reshape(b, n, 2, self.num_heads, self.head_dim)
+        return kv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _kv_windows(self, grid: Grid) -> KVWindows | None:
+        """The tokens K/V pooling reads when it leaves some out (None: compute K and V of every token).
+
+        Off with :func:`mvit.ops.fast_paths` off (flop counts are of the full computation, as for the
+        reference) and under ``torch.compile`` (its graph keeps the plain projection)."""
+        if self.pool_k is None or not fast_paths_enabled() or torch.compiler.is_compiling():
+            return None
+        return kv_windows(grid, self.pool_k.kernel_size, self.pool_k.stride, self.pool_k.padding)
+
     def forward(self, x: torch.Tensor, grid: Grid, cls_only: bool = False) -> tuple[torch.Tensor, Grid]:
         """Attention output ``(B, 1 + L', dim_out)`` and the pooled grid; with ``cls_only`` only the class
         token's query is computed (output ``(B, 1, dim_out)``): K and V still cover every token."""
         b, n, _ = x.shape
         if cls_only:
             return self._forward_cls(x, grid)
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        window = self._kv_windows(grid)
+        if window is None:
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.pool_q is None:
+                # A copy of q lets the fused qkv output be freed (k and v are pooled copies): attention keeps
+                # its inputs for backward, and a view would keep all of qkv alive.
+                q = q.contiguous()
+        else:
+            # K and V only of the tokens the pooling windows read (kv_windows): the same outputs, less work.
+            q = self._qkv_rows(x, 0, 1).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = self._kv(x.index_select(1, window.index.to(x.device)))
         q_grid = k_grid = grid
         if self.pool_q is not None:
             q, q_grid = pool_tokens(q, grid, self.pool_q, self.norm_q)
-        else:
-            # A copy of q lets the fused qkv output be freed (k and v are pooled copies): attention keeps
-            # its inputs for backward, and a view would keep all of qkv alive.
-            q = q.contiguous()
         if self.pool_k is not None:
-            k, k_grid = pool_tokens(k, grid, self.pool_k, self.norm_k)
-            v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v)
+            k, k_grid = pool_tokens(k, grid, self.pool_k, self.norm_k, window)
+            v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v, window)
         mask = self.rel_pos_bias(q, q_grid, k_grid) if self.rel_pos else None
         out = attention(q, k, v, mask)  # scaled_dot_product_attention, scale head_dim ** -0.5
         if self.residual_pooling:
@@ -205,19 +280,17 @@ class MultiScaleAttention(nn.Module):
     def _forward_cls(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         # The class token skips Q pooling (but not norm_q), its rel-pos terms are zero and residual pooling
         # leaves it alone: its output needs only its own query against the full (pooled) K and V.
-        b, n, _ = x.shape
-        d = self.dim_out
-        w, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], w[:d], None if bias is None else bias[:d])
-        q = q.reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = F.linear(x, w[d:], None if bias is None else bias[d:]).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        b = x.shape[0]
+        q = self._qkv_rows(x[:, :1], 0, 1).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        window = self._kv_windows(grid)
+        k, v = self._kv(x if window is None else x.index_select(1, window.index.to(x.device)))
         q_grid = grid
         if self.pool_q is not None:
             q = self.norm_q(q)
             q_grid = _pooled_grid(grid, self.pool_q)
         if self.pool_k is not None:
-            k, _ = pool_tokens(k, grid, self.pool_k, self.norm_k)
-            v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v)
+            k, _ = pool_tokens(k, grid, self.pool_k, self.norm_k, window)
+            v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v, window)
         out = F.scaled_dot_product_attention(q, k, v)
         out = heads_linear(out, self.proj.weight, self.proj.bias)
         # Q pooling and the rel-pos tables only act on the other queries: their gradient is zero, as in the

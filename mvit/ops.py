@@ -20,7 +20,9 @@ backward is computed) changes.
 
 All of them fall back to the plain ops when no gradient is needed, under ``torch.compile`` (inductor
 generates its own kernels) and when :func:`fast_paths` is switched off (the tests compare both), so
-inference, tracing and flop counting see ordinary aten ops.
+inference, tracing and flop counting see ordinary aten ops. :func:`fast_paths` also switches the model's
+K/V projection of only the tokens their pooling reads (``mvit.model.kv_windows``; plain ops, so it is on
+in inference as well), which flop counting turns off to count the full computation.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def fast_paths(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _FAST = old
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the fast paths are on (see :func:`fast_paths`)."""
+    return _FAST
 
 
 def _use_fast(*tensors: torch.Tensor) -> bool:

@@ -45,7 +45,10 @@ class _FullForward(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x))
+        from mvit.ops import fast_paths
+
+        with fast_paths(False):  # e.g. K and V of every token, also those their pooling windows skip
+            return self.model.forward_head(self.model.forward_features(x))
 
 
 def count_model(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:

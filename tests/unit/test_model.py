@@ -8,6 +8,7 @@ runs in well under a second; their widths, depths and weights are the real ones.
 from __future__ import annotations
 
 import copy
+import math
 import functools
 from dataclasses import asdict
 
@@ -355,3 +356,62 @@ def test_depthwise_conv_backward_equals_autograd(nd, kernel, stride, padding, si
     want = torch.autograd.grad(ref, (x, w), gy)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r)
+
+
+# --- K/V of only the tokens the pooling windows read ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "grid, kernel, stride, padding",
+    [
+        ((8, 56, 56), (3, 3, 3), (1, 8, 8), (1, 1, 1)),  # MViT-B stage 1: 9 of every 64 positions per frame
+        ((8, 56, 57), (3, 3, 3), (1, 4, 4), (1, 1, 1)),  # a width the stride doesn't divide
+        ((4, 10, 12), (1, 3, 3), (1, 5, 3), (0, 1, 1)),  # kernel == stride along W (nothing skipped there)
+        ((5, 9), (2, 3), (4, 6), (0, 2)),  # 2-D, padding beyond the last window
+        ((6, 16), (3, 1), (2, 4), (1, 0)),  # a 1-wide kernel
+    ],
+)
+def test_kv_windows_pooling_equals_pooling_every_token(grid, kernel, stride, padding):
+    """Pooling the tokens kv_windows keeps, with its stride and padding, gives the pooling of all tokens."""
+    from mvit.model import kv_windows, pool_tokens
+
+    gen = torch.Generator().manual_seed(sum(grid))
+    c = 4
+    conv = (torch.nn.Conv3d if len(grid) == 3 else torch.nn.Conv2d)(c, c, kernel, stride, padding, groups=c, bias=False)
+    conv.weight.data = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+    tokens = torch.randn(2, 3, 1 + math.prod(grid), c, generator=gen, dtype=torch.float64)  # (B, heads, 1 + L, C)
+    window = kv_windows(grid, kernel, stride, padding)
+    assert window is not None and window.index[0] == 0  # the class token first
+    assert len(window.index) < 1 + math.prod(grid)
+    want, want_grid = pool_tokens(tokens, grid, conv)
+    got, got_grid = pool_tokens(tokens.index_select(2, window.index), grid, conv, window=window)
+    assert got_grid == want_grid
+    torch.testing.assert_close(got, want)
+
+
+def test_kv_windows_none_where_every_token_is_read():
+    from mvit.model import kv_windows
+
+    assert kv_windows((8, 28, 28), (3, 3, 3), (1, 2, 2), (1, 1, 1)) is None  # overlapping windows
+    assert kv_windows((8, 28, 28), (3, 3, 3), (1, 1, 1), (1, 1, 1)) is None
+    assert kv_windows((4, 9, 9), (1, 3, 3), (1, 3, 3), (0, 0, 0)) is None  # windows tile the grid
+
+
+def test_mvit_b_first_stages_project_only_the_pooled_keys_and_values():
+    """With the fast paths on, MViT-B's first three blocks compute K and V of fewer tokens; the plain forward
+    (flop counts, fast paths off) computes them for every token. Counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = mvit.create_model("mvit_b_16x4", input_size=(4, 64, 64)).eval()
+        x = torch.empty(1, 3, 4, 64, 64)
+
+    def flops(fast: bool) -> int:
+        counter = FlopCounterMode(display=False)
+        with fast_paths(fast), counter, torch.no_grad():
+            model(x)
+        return counter.get_total_flops()
+
+    # Token grids 2x16x16, 2x16x16, 2x8x8 (dims 96, 192, 192 -> K and V of twice that), K/V strides 8, 4, 4
+    # with 3-wide windows: per frame 5x5 of 16x16, 11x11 of 16x16, 5x5 of 8x8 positions are read.
+    skipped_tokens = [2 * (256 - 25), 2 * (256 - 121), 2 * (64 - 25)]
+    kv_macs = [96 * 192, 192 * 384, 192 * 384]
+    assert flops(False) - flops(True) == 2 * sum(n * m for n, m in zip(skipped_tokens, kv_macs))
