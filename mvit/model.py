@@ -94,10 +94,12 @@ def pool_tokens(
     """
     lead = x.shape[:-2]
     c = x.shape[-1]
-    cls_tok = x[..., :1, :]
     if window is not None:
         grid = window.grid
-    g = x[..., 1:, :].reshape((-1,) + grid + (c,))
+    # One split rather than two slices: its backward concatenates the two gradients in one pass, where each
+    # slice's backward would write its part into a zero-filled tensor of the full size, then add the two.
+    cls_tok, g = x.split((1, x.shape[-2] - 1), dim=-2)
+    g = g.reshape((-1,) + grid + (c,))
     if isinstance(pool, (nn.Conv2d, nn.Conv3d)):  # depthwise pooling conv
         stride, padding = (window.stride, window.padding) if window is not None else (pool.stride, pool.padding)
         g = depthwise_conv_cl(g, pool.weight, stride, padding)
@@ -167,6 +169,16 @@ def _rel_pos_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tenso
     return table[dist.long()]
 
 
+def _split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """``(B, N, parts * heads * d)`` -> ``parts`` views ``(B, heads, N, d)`` (q, k, v of a fused projection).
+
+    Unbinding before the transpose makes the backward one pass: it stacks the parts' gradients into
+    ``(B, N, parts, heads, d)``, which is already the layout of the projection's output gradient.
+    """
+    b, n, c = x.shape
+    return tuple(part.transpose(1, 2) for part in x.reshape(b, n, parts, heads, c // (parts * heads)).unbind(2))
+
+
 class MultiScaleAttention(nn.Module):
     def __init__(self, spec: BlockSpec, *, qkv_bias: bool, version: int, norm_eps: float) -> None:
         super().__init__()
@@ -233,9 +245,7 @@ class MultiScaleAttention(nn.Module):
 
     def _kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the tokens ``x``, each ``(B, heads, N, head_dim)``."""
-        b, n, _ = x.shape
-        kv = self._qkv_rows(x, 1, 3).reshape(b, n, 2, self.num_heads, self.head_dim)
-        return kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return _split_heads(self._qkv_rows(x, 1, 3), 2, self.num_heads)
 
     def _kv_windows(self, grid: Grid) -> KVWindows | None:
         """The tokens K/V pooling reads when it leaves some out (None: compute K and V of every token).
@@ -254,7 +264,7 @@ class MultiScaleAttention(nn.Module):
             return self._forward_cls(x, grid)
         window = self._kv_windows(grid)
         if window is None:
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
             if self.pool_q is None:
                 # A copy of q lets the fused qkv output be freed (k and v are pooled copies): attention keeps
                 # its inputs for backward, and a view would keep all of qkv alive.
