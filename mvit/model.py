@@ -124,8 +124,8 @@ class KVWindows:
 
 
 @functools.lru_cache(maxsize=256)
-def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid) -> KVWindows | None:
-    """Which tokens a pooling conv reads, or None if it reads them all.
+def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid, device: torch.device | None = None) -> KVWindows | None:
+    """Which tokens a pooling conv reads, or None if it reads them all (``index`` on ``device``, made once).
 
     MViT pools K and V with 3-wide kernels at strides up to 8 (``[1, 8, 8]`` in the first stage): along such
     an axis each output reads 3 of every 8 positions, so K and V of the other tokens (86% of the first
@@ -149,7 +149,7 @@ def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid) -> KVWindo
     for kept, size in zip(keep, grid):
         flat = flat.unsqueeze(-1) * size + torch.tensor(kept)
     index = torch.cat((torch.zeros(1, dtype=torch.long), 1 + flat.flatten()))
-    return KVWindows(index, tuple(len(kept) for kept in keep), tuple(new_stride), tuple(padding))
+    return KVWindows(index.to(device), tuple(len(kept) for kept in keep), tuple(new_stride), tuple(padding))
 
 
 def _rel_pos_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
@@ -254,7 +254,7 @@ class MultiScaleAttention(nn.Module):
         reference) and under ``torch.compile`` (its graph keeps the plain projection)."""
         if self.pool_k is None or not fast_paths_enabled() or torch.compiler.is_compiling():
             return None
-        return kv_windows(grid, self.pool_k.kernel_size, self.pool_k.stride, self.pool_k.padding)
+        return kv_windows(grid, self.pool_k.kernel_size, self.pool_k.stride, self.pool_k.padding, self.pool_k.weight.device)
 
     def forward(self, x: torch.Tensor, grid: Grid, cls_only: bool = False) -> tuple[torch.Tensor, Grid]:
         """Attention output ``(B, 1 + L', dim_out)`` and the pooled grid; with ``cls_only`` only the class
@@ -272,7 +272,7 @@ class MultiScaleAttention(nn.Module):
         else:
             # K and V only of the tokens the pooling windows read (kv_windows): the same outputs, less work.
             q = self._qkv_rows(x, 0, 1).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-            k, v = self._kv(x.index_select(1, window.index.to(x.device)))
+            k, v = self._kv(x.index_select(1, window.index))
         q_grid = k_grid = grid
         if self.pool_q is not None:
             q, q_grid = pool_tokens(q, grid, self.pool_q, self.norm_q)
@@ -293,7 +293,7 @@ class MultiScaleAttention(nn.Module):
         b = x.shape[0]
         q = self._qkv_rows(x[:, :1], 0, 1).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
         window = self._kv_windows(grid)
-        k, v = self._kv(x if window is None else x.index_select(1, window.index.to(x.device)))
+        k, v = self._kv(x if window is None else x.index_select(1, window.index))
         q_grid = grid
         if self.pool_q is not None:
             q = self.norm_q(q)

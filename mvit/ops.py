@@ -18,9 +18,9 @@ backward is computed) changes.
   plain ``proj(out.transpose(1, 2).reshape(B, N, C))`` stores that transposed copy for its weight
   gradient although SDPA already stores ``out``; here the copy is transient and rebuilt in backward.
 
-All of them fall back to the plain ops when no gradient is needed, under ``torch.compile`` (inductor
-generates its own kernels) and when :func:`fast_paths` is switched off (the tests compare both), so
-inference, tracing and flop counting see ordinary aten ops. :func:`fast_paths` also switches the model's
+All of them fall back to the plain ops when no gradient is needed, under autocast, under
+``torch.compile`` (inductor generates its own kernels) and when :func:`fast_paths` is switched off (the
+tests compare both), so inference, tracing and flop counting see ordinary aten ops. :func:`fast_paths` also switches the model's
 K/V projection of only the tokens their pooling reads (``mvit.model.kv_windows``; plain ops, so it is on
 in inference as well), which flop counting turns off to count the full computation.
 """
@@ -60,6 +60,9 @@ def _use_fast(*tensors: torch.Tensor) -> bool:
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
         and tensors[0].device.type == "cpu"
+        # Their backward would run outside the forward's autocast (bf16 activations against fp32 weights):
+        # under autocast the plain ops, whose backward autocast handles, are used instead.
+        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
 

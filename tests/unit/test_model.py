@@ -125,6 +125,27 @@ def test_bf16_autocast_forward(name):
     assert corr > 0.999 and err <= 0.15 * b.std().item(), (corr, err)
 
 
+@pytest.mark.parametrize("name", DEBUG)
+def test_bf16_autocast_training_step_on_cpu(name):
+    """Training with ``precision: bf16`` on CPU: the backward runs (the custom CPU paths step aside under
+    autocast) and every parameter gets a finite fp32 gradient close in direction to the fp32 one."""
+    model = model_for(name).train()
+    for blk in model.blocks:
+        blk.drop_path.p = 0.0
+    model.head.dropout = torch.nn.Identity()
+    x = clip(model)
+    loss_of(model(x)).backward()
+    ref = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(model(x))
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+    flat = lambda g: torch.cat([t.flatten() for t in g.values()])  # noqa: E731
+    assert F.cosine_similarity(flat(grads(model)), flat(ref), dim=0) > 0.99
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_activation_checkpointing_gives_the_same_gradients(name):
     model = model_for(name).train()
