@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BlockSpec, MViTConfig
 from .heads import ClassificationHead
-from .ops import attention, depthwise_conv_cl, fast_paths_enabled, gelu_linear, heads_linear
+from .ops import attention, depthwise_conv_cl, fast_paths_enabled, heads_linear, mlp
 
 Grid = tuple[int, ...]
 
@@ -58,7 +58,7 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 (GELU and fc2 run as one op that does not store the GELU output for backward)."""
+    """fc1 -> GELU -> fc2 (one op that does not store the GELU output for backward; see mvit.ops.mlp)."""
 
     def __init__(self, dim: int, hidden: int, dim_out: int) -> None:
         super().__init__()
@@ -66,7 +66,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class PatchEmbed(nn.Module):

@@ -436,3 +436,34 @@ def test_mvit_b_first_stages_project_only_the_pooled_keys_and_values():
     skipped_tokens = [2 * (256 - 25), 2 * (256 - 121), 2 * (64 - 25)]
     kv_macs = [96 * 192, 192 * 384, 192 * 384]
     assert flops(False) - flops(True) == 2 * sum(n * m for n, m in zip(skipped_tokens, kv_macs))
+
+
+@pytest.mark.parametrize("frozen", [(), ("w1", "b1"), ("x",)])
+def test_mlp_in_chunks_equals_plain_ops(monkeypatch, frozen):
+    """The fused MLP run in chunks of 7 tokens (the last one partial) gives the plain ops' output and
+    gradients, also with some inputs not requiring a gradient (a frozen layer, a constant input)."""
+    from mvit import ops
+
+    gen = torch.Generator().manual_seed(3)
+    c, hidden, c_out = 6, 10, 5
+    monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 7 * hidden * 8)  # float64: 7 rows per chunk
+    tensors = {
+        "x": torch.randn(2, 25, c, generator=gen, dtype=torch.float64),
+        "w1": torch.randn(hidden, c, generator=gen, dtype=torch.float64),
+        "b1": torch.randn(hidden, generator=gen, dtype=torch.float64),
+        "w2": torch.randn(c_out, hidden, generator=gen, dtype=torch.float64),
+        "b2": torch.randn(c_out, generator=gen, dtype=torch.float64),
+    }
+    for name, t in tensors.items():
+        t.requires_grad_(name not in frozen)
+    args = [tensors[n] for n in ("x", "w1", "b1", "w2", "b2")]
+    wanted = [t for t in args if t.requires_grad]
+    gy = torch.randn(2, 25, c_out, generator=gen, dtype=torch.float64)
+    with ops.fast_paths(True):
+        got = ops.mlp(*args)
+    with ops.fast_paths(False):
+        want = ops.mlp(*args)
+    assert got.grad_fn is not None and "Mlp" in type(got.grad_fn).__name__  # the chunked path ran
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, wanted, gy), torch.autograd.grad(want, wanted, gy)):
+        torch.testing.assert_close(g, w)
