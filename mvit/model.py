@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BlockSpec, MViTConfig
 from .heads import ClassificationHead
-from .ops import attention, depthwise_conv_cl, fast_paths_enabled, heads_linear, mlp
+from .ops import depthwise_conv_cl, fast_paths_enabled, heads_linear, mlp
 
 Grid = tuple[int, ...]
 
@@ -280,7 +280,7 @@ class MultiScaleAttention(nn.Module):
             k, k_grid = pool_tokens(k, grid, self.pool_k, self.norm_k, window)
             v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v, window)
         mask = self.rel_pos_bias(q, q_grid, k_grid) if self.rel_pos else None
-        out = attention(q, k, v, mask)  # scaled_dot_product_attention, scale head_dim ** -0.5
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim ** -0.5
         if self.residual_pooling:
             # MViTv2 residual pooling: add the pooled q to every token's output except the class token's.
             out = out + F.pad(q[:, :, 1:], (0, 0, 1, 0))

@@ -8,9 +8,6 @@ backward is computed) changes.
   ordinary (oneDNN) convolution; the weight gradient is written out tap by tap (one strided multiply-add
   and reduction per kernel offset), which is several times faster on CPU than oneDNN's depthwise
   weight-gradient kernel, and keeps everything channels-last (no permute copies as in the reference).
-* :func:`attention`: ``F.scaled_dot_product_attention``; on CPU, when batch x heads is smaller than the
-  thread count (MViT's first stage has a single head), the queries are split into chunks that run as extra
-  heads, because the fused CPU backward parallelises over batch x heads only.
 * :func:`mlp`: ``fc2(gelu(fc1(x)))`` keeping only ``fc1(x)`` for backward (``gelu`` is recomputed there):
   the MLP's hidden activations are 4x the token width and are otherwise stored twice (GELU's input and
   fc2's input). Saves ~20% of the training activation memory of MViT-B at the price of one GELU. It runs
@@ -21,9 +18,10 @@ backward is computed) changes.
 
 All of them fall back to the plain ops when no gradient is needed, under autocast, under
 ``torch.compile`` (inductor generates its own kernels) and when :func:`fast_paths` is switched off (the
-tests compare both), so inference, tracing and flop counting see ordinary aten ops. :func:`fast_paths` also switches the model's
-K/V projection of only the tokens their pooling reads (``mvit.model.kv_windows``; plain ops, so it is on
-in inference as well), which flop counting turns off to count the full computation.
+tests compare both), so inference, tracing and flop counting see ordinary aten ops. :func:`fast_paths`
+also switches the model's K/V projection of only the tokens their pooling reads
+(``mvit.model.kv_windows``; plain ops, so it is on in inference as well), which flop counting turns off
+to count the full computation.
 """
 
 from __future__ import annotations
@@ -187,23 +185,6 @@ def depthwise_conv_cl(x: torch.Tensor, weight: torch.Tensor, stride, padding) ->
     if _use_fast(x, weight):
         return _DepthwiseConvCL.apply(x.contiguous(), weight, stride, padding)
     return _conv(x.movedim(-1, 1), weight, stride, padding).movedim(1, -1)
-
-
-# --- attention ---------------------------------------------------------------------------------------
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (scale ``head_dim ** -0.5``), queries chunked on thread-starved CPUs."""
-    b, h, n, d = q.shape
-    if attn_mask is None and _use_fast(q, k, v):
-        chunks = min(torch.get_num_threads() // (b * h), n // 1024)
-        if chunks >= 2:
-            pad = (-n) % chunks
-            m = (n + pad) // chunks
-            qc = F.pad(q, (0, 0, 0, pad)).reshape(b, h * chunks, m, d)
-            kc = k.unsqueeze(2).expand(b, h, chunks, k.shape[2], d).reshape(b, h * chunks, k.shape[2], d)
-            vc = v.unsqueeze(2).expand(b, h, chunks, v.shape[2], v.shape[3]).reshape(b, h * chunks, v.shape[2], v.shape[3])
-            out = F.scaled_dot_product_attention(qc, kc, vc)
-            return out.reshape(b, h, n + pad, -1)[:, :, :n]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 # --- MLP --------------------------------------------------------------------------------------------
