@@ -104,6 +104,8 @@ def pool_tokens(
         stride, padding = (window.stride, window.padding) if window is not None else (pool.stride, pool.padding)
         g = depthwise_conv_cl(g, pool.weight, stride, padding)
     else:
+        if window is not None:
+            raise ValueError("pool_tokens: `window` is for depthwise pooling convolutions, not for max-pooling")
         g = pool(g.movedim(-1, 1)).movedim(1, -1)
     new_grid = tuple(g.shape[1:-1])
     x = torch.cat((cls_tok, g.reshape(lead + (-1, c))), dim=-2)
@@ -131,13 +133,13 @@ def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid, device: to
     an axis each output reads 3 of every 8 positions, so K and V of the other tokens (86% of the first
     stage's) are computed and never used. The windows of an axis with ``kernel <= stride`` don't overlap;
     laid side by side, the positions they read form a grid on which the same conv runs with stride =
-    kernel. Its padding stays the same: the positions a window reads outside the input (zeros) are only at
-    the two ends, the same ones the padding supplied before.
+    kernel. Its padding stays the same (for padding < kernel): the positions a window reads outside the
+    input (zeros) are only at the two ends, the same ones the padding supplied before.
     """
     keep, new_stride = [], []
     for size, k, s, p in zip(grid, kernel, stride, padding):
-        if k > s:  # overlapping windows read every position
-            keep.append(list(range(size)))
+        if k > s or p >= k:  # overlapping windows read every position; a padding that holds a whole window
+            keep.append(list(range(size)))  # or more (never in MViT: padding = kernel // 2) isn't compacted
             new_stride.append(s)
             continue
         out = (size + 2 * p - k) // s + 1
@@ -145,11 +147,14 @@ def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid, device: to
         new_stride.append(k)
     if all(len(kept) == size for kept, size in zip(keep, grid)):
         return None
-    flat = torch.zeros((), dtype=torch.long)
-    for kept, size in zip(keep, grid):
-        flat = flat.unsqueeze(-1) * size + torch.tensor(kept)
-    index = torch.cat((torch.zeros(1, dtype=torch.long), 1 + flat.flatten()))
-    return KVWindows(index.to(device), tuple(len(kept) for kept in keep), tuple(new_stride), tuple(padding))
+    # Cached, so made as a plain CPU tensor whatever mode the first call runs under (an inference tensor
+    # could not be saved for backward by a later training step's index_select).
+    with torch.inference_mode(False):
+        flat = torch.zeros((), dtype=torch.long, device="cpu")
+        for kept, size in zip(keep, grid):
+            flat = flat.unsqueeze(-1) * size + torch.tensor(kept, device="cpu")
+        index = torch.cat((torch.zeros(1, dtype=torch.long, device="cpu"), 1 + flat.flatten())).to(device)
+    return KVWindows(index, tuple(len(kept) for kept in keep), tuple(new_stride), tuple(padding))
 
 
 def _rel_pos_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _FAST = True
 
@@ -59,10 +60,10 @@ def _use_fast(*tensors: torch.Tensor) -> bool:
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
         and tensors[0].device.type == "cpu"
+        and not torch.compiler.is_compiling()
         # Their backward would run outside the forward's autocast (bf16 activations against fp32 weights):
         # under autocast the plain ops, whose backward autocast handles, are used instead.
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -210,6 +211,7 @@ class _Mlp(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
+    @once_differentiable  # writes into preallocated gradients (no double backward)
     def backward(ctx, gy):
         x2, w1, w2, *hidden = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
@@ -224,6 +226,8 @@ class _Mlp(torch.autograd.Function):
             g = gy2[rows]
             if need_w2:
                 gw2.addmm_(g.t(), F.gelu(h))  # recomputed, not stored
+            if not (need_x or need_w1 or need_b1):
+                continue
             gh = torch.ops.aten.gelu_backward(g.mm(w2), h)
             if need_w1:
                 gw1.addmm_(gh.t(), x2[rows])

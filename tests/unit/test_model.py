@@ -8,8 +8,8 @@ runs in well under a second; their widths, depths and weights are the real ones.
 from __future__ import annotations
 
 import copy
-import math
 import functools
+import math
 from dataclasses import asdict
 
 import pytest
@@ -385,20 +385,22 @@ def test_depthwise_conv_backward_equals_autograd(nd, kernel, stride, padding, si
     [
         ((8, 56, 56), (3, 3, 3), (1, 8, 8), (1, 1, 1)),  # MViT-B stage 1: 9 of every 64 positions per frame
         ((8, 56, 57), (3, 3, 3), (1, 4, 4), (1, 1, 1)),  # a width the stride doesn't divide
-        ((4, 10, 12), (1, 3, 3), (1, 5, 3), (0, 1, 1)),  # kernel == stride along W (nothing skipped there)
+        ((4, 10, 12), (1, 3, 3), (1, 5, 3), (0, 1, 1)),  # kernel == stride along W (only the last column skipped)
         ((5, 9), (2, 3), (4, 6), (0, 2)),  # 2-D, padding beyond the last window
         ((6, 16), (3, 1), (2, 4), (1, 0)),  # a 1-wide kernel
+        ((4, 9), (1, 3), (2, 3), (1, 1)),  # padding >= kernel along H: that axis is kept whole
     ],
 )
 def test_kv_windows_pooling_equals_pooling_every_token(grid, kernel, stride, padding):
-    """Pooling the tokens kv_windows keeps, with its stride and padding, gives the pooling of all tokens."""
+    """Pooling the tokens kv_windows keeps, with its stride and padding, gives the pooling of all tokens,
+    and the same gradients (through the custom channels-last conv backward) for the tokens and the kernel."""
     from mvit.model import kv_windows, pool_tokens
 
     gen = torch.Generator().manual_seed(sum(grid))
     c = 4
     conv = (torch.nn.Conv3d if len(grid) == 3 else torch.nn.Conv2d)(c, c, kernel, stride, padding, groups=c, bias=False)
     conv.weight.data = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
-    tokens = torch.randn(2, 3, 1 + math.prod(grid), c, generator=gen, dtype=torch.float64)  # (B, heads, 1 + L, C)
+    tokens = torch.randn(2, 3, 1 + math.prod(grid), c, generator=gen, dtype=torch.float64, requires_grad=True)
     window = kv_windows(grid, kernel, stride, padding)
     assert window is not None and window.index[0] == 0  # the class token first
     assert len(window.index) < 1 + math.prod(grid)
@@ -406,6 +408,41 @@ def test_kv_windows_pooling_equals_pooling_every_token(grid, kernel, stride, pad
     got, got_grid = pool_tokens(tokens.index_select(2, window.index), grid, conv, window=window)
     assert got_grid == want_grid
     torch.testing.assert_close(got, want)
+    gy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, (tokens, conv.weight), gy), torch.autograd.grad(want, (tokens, conv.weight), gy)):
+        torch.testing.assert_close(g, w)
+
+
+def test_kv_windows_cached_under_inference_mode_serves_training():
+    """The index is cached: made first under inference_mode (evaluation), it must still serve a training step."""
+    from mvit.model import kv_windows
+
+    args = ((2, 8, 12), (3, 3, 3), (1, 4, 4), (1, 1, 1))
+    kv_windows.cache_clear()
+    with torch.inference_mode():
+        kv_windows(*args)
+    index = kv_windows(*args).index
+    assert not index.is_inference()
+    x = torch.randn(1, 1 + 2 * 8 * 12, 4, requires_grad=True)
+    x.index_select(1, index).sum().backward()
+    assert x.grad.sum() == len(index) * 4
+
+
+def test_class_token_only_attention_with_kv_windows():
+    """The last block's class-token-only path with K/V windows (MViT-B's first block as if it were last)
+    equals the class token's row of the full attention."""
+    torch.manual_seed(0)
+    model = mvit.create_model("mvit_b_16x4", input_size=(4, 64, 64)).train()
+    attn = model.blocks[0].attn
+    grid = (2, 16, 16)
+    assert attn._kv_windows(grid) is not None
+    x = torch.randn(2, 1 + math.prod(grid), 96, requires_grad=True)
+    cls_out, _ = attn(x, grid, cls_only=True)
+    full_out, _ = attn(x, grid)
+    torch.testing.assert_close(cls_out, full_out[:, :1])
+    (g_cls,) = torch.autograd.grad(cls_out.sum(), x)
+    (g_full,) = torch.autograd.grad(full_out[:, :1].sum(), x)
+    torch.testing.assert_close(g_cls, g_full)
 
 
 def test_kv_windows_none_where_every_token_is_read():
@@ -438,7 +475,7 @@ def test_mvit_b_first_stages_project_only_the_pooled_keys_and_values():
     assert flops(False) - flops(True) == 2 * sum(n * m for n, m in zip(skipped_tokens, kv_macs))
 
 
-@pytest.mark.parametrize("frozen", [(), ("w1", "b1"), ("x",)])
+@pytest.mark.parametrize("frozen", [(), ("w1", "b1"), ("x",), ("x", "w1", "b1")])
 def test_mlp_in_chunks_equals_plain_ops(monkeypatch, frozen):
     """The fused MLP run in chunks of 7 tokens (the last one partial) gives the plain ops' output and
     gradients, also with some inputs not requiring a gradient (a frozen layer, a constant input)."""
