@@ -248,6 +248,10 @@ class MultiScaleAttention(nn.Module):
         d, bias = self.dim_out, self.qkv.bias
         return F.linear(x, self.qkv.weight[start * d : stop * d], None if bias is None else bias[start * d : stop * d])
 
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        """Q of the tokens ``x``, ``(B, heads, N, head_dim)``."""
+        return _split_heads(self._qkv_rows(x, 0, 1), 1, self.num_heads)[0]
+
     def _kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the tokens ``x``, each ``(B, heads, N, head_dim)``."""
         return _split_heads(self._qkv_rows(x, 1, 3), 2, self.num_heads)
@@ -264,7 +268,6 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid: Grid, cls_only: bool = False) -> tuple[torch.Tensor, Grid]:
         """Attention output ``(B, 1 + L', dim_out)`` and the pooled grid; with ``cls_only`` only the class
         token's query is computed (output ``(B, 1, dim_out)``): K and V still cover every token."""
-        b, n, _ = x.shape
         if cls_only:
             return self._forward_cls(x, grid)
         window = self._kv_windows(grid)
@@ -276,7 +279,7 @@ class MultiScaleAttention(nn.Module):
                 q = q.contiguous()
         else:
             # K and V only of the tokens the pooling windows read (kv_windows): the same outputs, less work.
-            q = self._qkv_rows(x, 0, 1).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            q = self._q(x)
             k, v = self._kv(x.index_select(1, window.index))
         q_grid = k_grid = grid
         if self.pool_q is not None:
@@ -295,8 +298,7 @@ class MultiScaleAttention(nn.Module):
     def _forward_cls(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         # The class token skips Q pooling (but not norm_q), its rel-pos terms are zero and residual pooling
         # leaves it alone: its output needs only its own query against the full (pooled) K and V.
-        b = x.shape[0]
-        q = self._qkv_rows(x[:, :1], 0, 1).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self._q(x[:, :1])
         window = self._kv_windows(grid)
         k, v = self._kv(x if window is None else x.index_select(1, window.index))
         q_grid = grid

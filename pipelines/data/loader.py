@@ -2,12 +2,18 @@
 
 Each rank reads a disjoint subset of the shards (shard i goes to rank i mod world), so no two ranks
 ever see the same sample. Training resamples shards of its own subset (`resampled=True`) and cuts
-the endless stream with `with_epoch`, so every rank runs the same number of steps per epoch: DDP
+the endless stream at a fixed number of batches, so every rank runs the same number of steps per epoch: DDP
 needs equal step counts, and shards of unequal size would otherwise leave one rank waiting.
+
+The training stream is a function of its seed: shard draws, the shuffle buffer and the temporal
+offsets all come from generators seeded by (seed, DataLoader worker), so a run can be repeated and a
+bad one investigated. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
+in the time and os.urandom, so two runs of the same recipe saw different data.)
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Iterator
 
@@ -33,9 +39,48 @@ def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
     return urls[rank::world]
 
 
-def _decode_train(sample: dict, clip: ClipConfig, transform, rng: random.Random):
-    frames = int(sample_metadata(sample)["frames"])
-    return train_clip(sample[MEDIA_KEY], frames, clip, transform, rng), int(sample["cls"]), sample["__key__"]
+def _loader_worker() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+def _worker_rng(seed: int, purpose: str) -> random.Random:
+    # Each DataLoader worker copies the dataset; a generator built at construction would hand every
+    # worker the same stream (the same shuffle picks, the same temporal offsets).
+    return random.Random(f"{seed}/{purpose}/{_loader_worker()}")
+
+
+def _shuffled(bufsize: int, seed: int):
+    def stage(samples):
+        rng = _worker_rng(seed, "shuffle")
+        buffer: list = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= bufsize:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+    return stage
+
+
+def _decoded(clip: ClipConfig, seed: int):
+    def stage(samples):
+        rng = _worker_rng(seed, "clip")
+        transform = train_transform(clip)
+        for sample in samples:
+            frames = int(sample_metadata(sample)["frames"])
+            yield train_clip(sample[MEDIA_KEY], frames, clip, transform, rng), int(sample["cls"]), sample["__key__"]
+    return stage
+
+
+def _epoch_share(steps_per_epoch: int):
+    # `with_epoch` would cut each DataLoader worker's stream at the full count, so an epoch would run
+    # loader_workers times the steps its LR schedule was built for; each worker takes its share instead.
+    def stage(batches):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from itertools.islice(batches, steps_per_epoch // workers + (worker < steps_per_epoch % workers))
+    return stage
 
 
 def _collate(batch):
@@ -47,15 +92,17 @@ def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_e
                  shuffle_buffer: int, seed: int, loader_workers: int = 0):
     if not urls:
         raise ValueError("this rank has no training shards; use fewer workers or more shards")
-    rng = random.Random(seed)
-    transform = train_transform(clip)
-    dataset = (
-        wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed, empty_check=False)
-        .shuffle(shuffle_buffer, rng=random.Random(seed + 1))
-        .map(lambda s: _decode_train(s, clip, transform, rng))
-        .batched(batch_size, collation_fn=_collate, partial=False)
-        .with_epoch(steps_per_epoch)
+    dataset = wds.DataPipeline(
+        # worker_seed: the rank is already part of `seed`; only the DataLoader worker is added
+        wds.ResampledShards(urls, seed=seed, worker_seed=_loader_worker, deterministic=True),
+        wds.tarfile_to_samples(),
+        _shuffled(shuffle_buffer, seed),
+        _decoded(clip, seed),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+        _epoch_share(steps_per_epoch),
     )
+    # Random crops draw from torch's generator: the main process's (seeded by the training loop) or,
+    # in DataLoader workers, one that torch seeds per worker from it.
     return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers)
 
 

@@ -158,3 +158,50 @@ def test_seekable_local_reader_reads_only_what_is_asked(tmp_path):
         assert reader.raw.bytes_read <= 3 * 4096
     with pytest.raises(FileNotFoundError):
         storage.open_seekable(str(tmp_path / "gone.bin"))
+
+
+def _write_clip_shards(directory, shards: int = 3, per_shard: int = 6) -> list[str]:
+    import json
+
+    import webdataset as wds
+
+    from tests.media import good
+
+    urls = []
+    for s in range(shards):
+        path = directory / f"train-{s:05d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(per_shard):
+                video = good(frames=12, height=32, width=32, seed=s * 100 + i)
+                sink.write({"__key__": f"s{s}_v{i}", "mp4": video, "cls": str(i % 3).encode(),
+                            "json": json.dumps({"frames": 12}).encode()})
+        urls.append(str(path))
+    return urls
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_training_stream_is_a_function_of_its_seed(tmp_path, loader_workers):
+    """Same seed -> the same shards, order, temporal offsets and crops; another seed -> another stream.
+    (WebDataset's own resampling mixes the clock into its shard draws.)"""
+    import torch
+
+    from pipelines.data.loader import train_loader
+    from pipelines.train.config import ClipConfig
+
+    urls = _write_clip_shards(tmp_path)
+    clip = ClipConfig(num_frames=4, sampling_rate=2, crop_size=24, test_short_side=32, horizontal_flip=False)
+
+    def stream(seed):
+        torch.manual_seed(0)  # the loop seeds torch (random crops) the same way on every rank
+        loader = train_loader(urls, clip, batch_size=4, steps_per_epoch=6, shuffle_buffer=8, seed=seed,
+                              loader_workers=loader_workers)
+        return [(keys, clips) for clips, _labels, keys in loader]
+
+    first, again, other = stream(7), stream(7), stream(8)
+    assert len(first) == 6
+    assert [keys for keys, _ in first] == [keys for keys, _ in again]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, again))
+    assert [keys for keys, _ in first] != [keys for keys, _ in other]
+    if loader_workers:
+        # every DataLoader worker draws its own stream (batches alternate between workers)
+        assert first[0][0] != first[1][0]
