@@ -250,7 +250,8 @@ class MultiScaleAttention(nn.Module):
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """Q of the tokens ``x``, ``(B, heads, N, head_dim)``."""
-        return _split_heads(self._qkv_rows(x, 0, 1), 1, self.num_heads)[0]
+        b, n, _ = x.shape
+        return self._qkv_rows(x, 0, 1).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the tokens ``x``, each ``(B, heads, N, head_dim)``."""

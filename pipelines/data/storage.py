@@ -34,6 +34,13 @@ def local_path(uri: str) -> Path:
     return Path(urlparse(uri).path) if uri.startswith("file://") else Path(uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (s3:// and "" unchanged): Ray workers do not run in the caller's directory."""
+    if not uri or is_s3(uri):
+        return uri
+    return str(local_path(uri).absolute())
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_s3(base):

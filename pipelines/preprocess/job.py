@@ -402,6 +402,9 @@ class _Progress:
 
 
 def run(cfg: PreprocessConfig) -> Manifest:
+    # Ray Data tasks do not run in the caller's directory: local paths are resolved here, once.
+    cfg = dataclasses.replace(cfg, **{key: storage.absolute(getattr(cfg, key))
+                                      for key in ("source", "output", "source_root", "labels_file")})
     storage.check_reachable(cfg.output)
     fmt = cfg.source_format if cfg.source_format != "auto" else detect_format(cfg.source)
     options = dataclasses.asdict(cfg.ava) if fmt == "ava" else {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, read_manifest
@@ -36,6 +36,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train workers do not run in the caller's directory: local paths are resolved here, once.
+    cfg = replace(cfg, dataset=storage.absolute(cfg.dataset), storage_path=storage.absolute(cfg.storage_path),
+                  init_checkpoint=storage.absolute(cfg.init_checkpoint))
     manifest = read_manifest(cfg.dataset)
     train_shards = len(manifest.shard_urls(cfg.dataset, "train"))
     if train_shards < cfg.num_workers:

@@ -77,3 +77,21 @@ def test_dataset_without_manifest_is_refused(capsys, tmp_path):
     (tmp_path / "shards").mkdir()
     code, err = _run(capsys, "train", f"dataset={tmp_path}", "model=mvit_debug")
     assert code == 1 and "manifest.json" in err and "resume" in err
+
+
+def test_relative_local_paths_reach_the_ray_workers(capsys, services, ray_session, tmp_path, monkeypatch):
+    """Ray Data tasks and Ray Train workers do not run in the caller's directory: relative paths given on the
+    command line must name the same files there (preprocessing wrote its parts into the workers' directory,
+    and training failed with 'no manifest.json')."""
+    from pipelines.data.synthetic import SyntheticSpec, generate
+
+    generate(tmp_path / "videos", SyntheticSpec(classes=2, videos_per_class=2, frames=8, size=32))
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(capsys, "preprocess", "source=videos/labels.csv", "output=ds", "fps=0", "max_samples_per_shard=2")
+    assert code == 0, err
+    code, err = _run(capsys, "train", "dataset=ds", "storage_path=runs", "model=mvit_debug", "epochs=1",
+                     "batch_size=1", "num_workers=2", "clip.num_frames=4", "clip.sampling_rate=1",
+                     "clip.crop_size=32", "clip.train_crop=random", "mlflow.experiment=relative-paths")
+    assert code == 0, err
+    checkpoints = list((tmp_path / "runs").glob("*/checkpoint_*/model.pt"))
+    assert len(checkpoints) == 1
