@@ -50,13 +50,19 @@ def _worker_rng(seed: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}/{purpose}/{_loader_worker()}")
 
 
-def _shuffled(bufsize: int, seed: int):
+def _shuffled(bufsize: int, seed: int, initial: int = 64):
+    """A shuffle buffer (as wds.shuffle) whose generator is made in the worker that iterates it. It starts
+    yielding at `initial` samples and grows by one sample per yield up to `bufsize`, so the first batch
+    does not wait for a full buffer."""
     def stage(samples):
         rng = _worker_rng(seed, "shuffle")
+        samples = iter(samples)
         buffer: list = []
         for sample in samples:
             buffer.append(sample)
-            if len(buffer) >= bufsize:
+            if len(buffer) < bufsize:
+                buffer.extend(itertools.islice(samples, 1))
+            if len(buffer) >= min(initial, bufsize):
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
@@ -66,10 +72,17 @@ def _shuffled(bufsize: int, seed: int):
 def _decoded(clip: ClipConfig, seed: int):
     def stage(samples):
         rng = _worker_rng(seed, "clip")
+        # torchvision's random crops draw from torch's global generator, which the training loop seeds
+        # alike on every rank (identical initial weights): the crops get a state per (seed, worker) instead.
+        crop_state = torch.Generator().manual_seed(rng.getrandbits(63)).get_state()
         transform = train_transform(clip)
         for sample in samples:
             frames = int(sample_metadata(sample)["frames"])
-            yield train_clip(sample[MEDIA_KEY], frames, clip, transform, rng), int(sample["cls"]), sample["__key__"]
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(crop_state)
+                video = train_clip(sample[MEDIA_KEY], frames, clip, transform, rng)
+                crop_state = torch.get_rng_state()
+            yield video, int(sample["cls"]), sample["__key__"]
     return stage
 
 
@@ -101,8 +114,6 @@ def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_e
         wds.batched(batch_size, collation_fn=_collate, partial=False),
         _epoch_share(steps_per_epoch),
     )
-    # Random crops draw from torch's generator: the main process's (seeded by the training loop) or,
-    # in DataLoader workers, one that torch seeds per worker from it.
     return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers)
 
 

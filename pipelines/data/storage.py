@@ -38,7 +38,7 @@ def absolute(uri: str) -> str:
     """A local path made absolute (s3:// and "" unchanged): Ray workers do not run in the caller's directory."""
     if not uri or is_s3(uri):
         return uri
-    return str(local_path(uri).absolute())
+    return os.path.abspath(local_path(uri))
 
 
 def join(base: str, *parts: str) -> str:

@@ -162,6 +162,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = max(1, manifest.split_samples("train") // global_batch)
 
     model = ray.train.torch.prepare_model(build_model(cfg, num_classes))
+    # From here torch's generator drives drop-path: a stream per rank, not the same masks on every rank.
+    torch.manual_seed(cfg.seed * 1009 + rank + 1)
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_batch
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(0.9, 0.999))
     scheduler = build_schedule(optimizer, cfg, steps_per_epoch)

@@ -179,6 +179,9 @@ def _write_clip_shards(directory, shards: int = 3, per_shard: int = 6) -> list[s
     return urls
 
 
+TINY_CLIP = dict(num_frames=4, sampling_rate=2, crop_size=24, test_short_side=32, horizontal_flip=False)
+
+
 @pytest.mark.parametrize("loader_workers", [0, 2])
 def test_training_stream_is_a_function_of_its_seed(tmp_path, loader_workers):
     """Same seed -> the same shards, order, temporal offsets and crops; another seed -> another stream.
@@ -189,19 +192,67 @@ def test_training_stream_is_a_function_of_its_seed(tmp_path, loader_workers):
     from pipelines.train.config import ClipConfig
 
     urls = _write_clip_shards(tmp_path)
-    clip = ClipConfig(num_frames=4, sampling_rate=2, crop_size=24, test_short_side=32, horizontal_flip=False)
+    clip = ClipConfig(**TINY_CLIP)
 
     def stream(seed):
-        torch.manual_seed(0)  # the loop seeds torch (random crops) the same way on every rank
+        torch.manual_seed(seed)  # the global generator must not matter (the loop seeds it alike on every rank)
         loader = train_loader(urls, clip, batch_size=4, steps_per_epoch=6, shuffle_buffer=8, seed=seed,
                               loader_workers=loader_workers)
         return [(keys, clips) for clips, _labels, keys in loader]
 
-    first, again, other = stream(7), stream(7), stream(8)
-    assert len(first) == 6
+    first = stream(7)
+    torch.manual_seed(123)
+    again, other = stream(7), stream(8)
     assert [keys for keys, _ in first] == [keys for keys, _ in again]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, again))
     assert [keys for keys, _ in first] != [keys for keys, _ in other]
-    if loader_workers:
-        # every DataLoader worker draws its own stream (batches alternate between workers)
-        assert first[0][0] != first[1][0]
+
+
+@pytest.mark.parametrize(("steps", "loader_workers"), [(6, 0), (6, 2), (5, 2), (1, 3)])
+def test_an_epoch_is_steps_per_epoch_batches_whatever_the_loader_workers(tmp_path, steps, loader_workers):
+    # DDP needs the same count on every rank, and the LR schedule was built for exactly this many steps.
+    from pipelines.data.loader import train_loader
+    from pipelines.train.config import ClipConfig
+
+    urls = _write_clip_shards(tmp_path, shards=2, per_shard=4)
+    loader = train_loader(urls, ClipConfig(**TINY_CLIP), batch_size=2, steps_per_epoch=steps, shuffle_buffer=4,
+                          seed=0, loader_workers=loader_workers)
+    assert sum(1 for _ in loader) == steps
+
+
+@pytest.mark.parametrize("count", [5, 40])  # below and above the buffer
+def test_shuffle_buffer_yields_every_sample_once_in_an_order_per_worker(monkeypatch, count):
+    from pipelines.data import loader
+
+    def order(worker):
+        monkeypatch.setattr(loader, "_loader_worker", lambda: worker)
+        return list(loader._shuffled(bufsize=16, seed=3, initial=4)(iter(range(count))))
+
+    assert sorted(order(0)) == list(range(count))
+    assert order(0) == order(0)
+    assert order(0) != order(1)  # DataLoader workers copy the dataset: each must still draw its own picks
+
+
+def test_crops_depend_on_the_seed_not_on_the_global_generator(tmp_path):
+    import json
+
+    import torch
+
+    from pipelines.data.loader import _decoded
+    from pipelines.train.config import ClipConfig
+    from tests.media import good
+
+    sample = {"__key__": "a", "mp4": good(frames=12, height=48, width=48), "cls": b"0",
+              "json": json.dumps({"frames": 12}).encode()}
+    clip = ClipConfig(**{**TINY_CLIP, "sampling_rate": 1, "num_frames": 12})  # one temporal window: only crops vary
+
+    def crops(seed):
+        torch.manual_seed(0)  # as every rank does
+        return [video for video, _, _ in _decoded(clip, seed)([sample] * 4)]
+
+    by_rank0, by_rank1 = crops(10), crops(11)
+    assert any(not torch.equal(a, b) for a, b in zip(by_rank0, by_rank1))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert all(torch.equal(a, b) for a, b in zip(crops(10), by_rank0))
+    assert torch.equal(torch.get_rng_state(), state)  # the training loop's generator (drop-path) is left alone
