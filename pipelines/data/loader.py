@@ -5,9 +5,9 @@ ever see the same sample. Training resamples shards of its own subset (`resample
 the endless stream at a fixed number of batches, so every rank runs the same number of steps per epoch: DDP
 needs equal step counts, and shards of unequal size would otherwise leave one rank waiting.
 
-The training stream is a function of its seed: shard draws, the shuffle buffer and the temporal
-offsets all come from generators seeded by (seed, DataLoader worker), so a run can be repeated and a
-bad one investigated. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
+The training stream is a function of its seed: shard draws, the shuffle buffer, the temporal offsets
+and the random crops all come from generators seeded by (seed, DataLoader worker), so a run can be
+repeated and a bad one investigated. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
 in the time and os.urandom, so two runs of the same recipe saw different data.)
 """
 
@@ -39,15 +39,16 @@ def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
     return urls[rank::world]
 
 
-def _loader_worker() -> int:
+def _loader_worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, the number of workers); (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
-    return info.id if info is not None else 0
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 def _worker_rng(seed: int, purpose: str) -> random.Random:
     # Each DataLoader worker copies the dataset; a generator built at construction would hand every
     # worker the same stream (the same shuffle picks, the same temporal offsets).
-    return random.Random(f"{seed}/{purpose}/{_loader_worker()}")
+    return random.Random(f"{seed}/{purpose}/{_loader_worker()[0]}")
 
 
 def _shuffled(bufsize: int, seed: int, initial: int = 64):
@@ -90,8 +91,7 @@ def _epoch_share(steps_per_epoch: int):
     # `with_epoch` would cut each DataLoader worker's stream at the full count, so an epoch would run
     # loader_workers times the steps its LR schedule was built for; each worker takes its share instead.
     def stage(batches):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = _loader_worker()
         yield from itertools.islice(batches, steps_per_epoch // workers + (worker < steps_per_epoch % workers))
     return stage
 
@@ -107,7 +107,7 @@ def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_e
         raise ValueError("this rank has no training shards; use fewer workers or more shards")
     dataset = wds.DataPipeline(
         # worker_seed: the rank is already part of `seed`; only the DataLoader worker is added
-        wds.ResampledShards(urls, seed=seed, worker_seed=_loader_worker, deterministic=True),
+        wds.ResampledShards(urls, seed=seed, worker_seed=lambda: _loader_worker()[0], deterministic=True),
         wds.tarfile_to_samples(),
         _shuffled(shuffle_buffer, seed),
         _decoded(clip, seed),

@@ -225,7 +225,7 @@ def test_shuffle_buffer_yields_every_sample_once_in_an_order_per_worker(monkeypa
     from pipelines.data import loader
 
     def order(worker):
-        monkeypatch.setattr(loader, "_loader_worker", lambda: worker)
+        monkeypatch.setattr(loader, "_loader_worker", lambda: (worker, 2))
         return list(loader._shuffled(bufsize=16, seed=3, initial=4)(iter(range(count))))
 
     assert sorted(order(0)) == list(range(count))
