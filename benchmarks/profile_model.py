@@ -60,14 +60,15 @@ class MatmulFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def step_times(fn, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn``, after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def gemm_rate(repeats: int = 20) -> float:
@@ -75,13 +76,7 @@ def gemm_rate(repeats: int = 20) -> float:
     fastest of ``repeats`` runs, so that the floor it sets is the machine's rate, not a slow moment's."""
     a, b = torch.randn(1569, 384), torch.randn(384, 1536)
     out = torch.empty(1569, 1536)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1569 * 384 * 1536 / best / 1e9
+    return 2 * 1569 * 384 * 1536 / min(step_times(lambda: torch.mm(a, b, out=out), repeats)) / 1e9
 
 
 def profile_block(block: torch.nn.Module, x: torch.Tensor, grid: tuple[int, ...], cls_only: bool, repeats: int):
@@ -96,7 +91,7 @@ def profile_block(block: torch.nn.Module, x: torch.Tensor, grid: tuple[int, ...]
     counter = MatmulFlops()
     with counter:
         step()
-    return median_time(step, repeats), counter.flops
+    return statistics.median(step_times(step, repeats)), counter.flops
 
 
 def main(argv: list[str] | None = None) -> int:
