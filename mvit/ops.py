@@ -181,10 +181,20 @@ class _DepthwiseConvCL(torch.autograd.Function):
 
 
 def depthwise_conv_cl(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
-    """Depthwise convolution (``groups = C``, no bias) of a channels-last grid ``(B, *grid, C)``."""
+    """Depthwise convolution (``groups = C``, no bias) of a channels-last grid ``(B, *grid, C)``.
+
+    Under CPU autocast it runs in float32 (output cast back to ``x``'s dtype). oneDNN's native bf16
+    depthwise weight-gradient kernel, which it picks on CPUs with AVX512-BF16 or AMX, returns wrong
+    gradients for small grids (relative errors of 0.1 to 1e30 against float64, in channels-last and
+    channels-first layouts alike) and writes out of bounds (heap corruption that later tests tripped on);
+    float32 is right on every ISA. These convolutions are well under 1% of the model's flops.
+    """
     stride, padding = tuple(stride), tuple(padding)
     if _use_fast(x, weight):
         return _DepthwiseConvCL.apply(x.contiguous(), weight, stride, padding)
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _conv(x.float().movedim(-1, 1), weight.float(), stride, padding).movedim(1, -1).to(x.dtype)
     return _conv(x.movedim(-1, 1), weight, stride, padding).movedim(1, -1)
 
 
