@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-integration bench clean
+.PHONY: install demo lint test test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf demo-out
 	$(VENV)/bin/mvit demo --workdir demo-out
+
+lint: $(STAMP)  ## ruff (pyproject [tool.ruff]) and the layering contract (pyproject [tool.importlinter])
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -83,7 +83,7 @@ def make_sources(directory: Path, count: int, frames: int = SOURCE_FRAMES, size:
 
 def preprocess_config(csv: Path, out: Path, workers: int, codec: str = "h264"):
     from pipelines.config import load_config
-    from pipelines.preprocess.job import PreprocessConfig
+    from pipelines.preprocess.config import PreprocessConfig
 
     return load_config(PreprocessConfig, None, [
         f"source={csv}", f"output={out}", "short_side=320", "fps=30", f"codec={codec}",
@@ -96,7 +96,7 @@ def preprocess_config(csv: Path, out: Path, workers: int, codec: str = "h264"):
 def plain_loop(csv: Path) -> float:
     """The same per-video work in one process, one thread of decoding: seconds."""
     from pipelines.data.sources import load_records
-    from pipelines.preprocess.job import _encode_video
+    from pipelines.preprocess.worker import _encode_video
 
     cfg = preprocess_config(csv, Path("/unused"), 1)
     records, _ = load_records(str(csv))
@@ -150,7 +150,8 @@ def memory_run(csv: Path, videos: int = 500) -> dict:
 import dataclasses, json, psutil, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pipelines.data.sources import load_records
-from pipelines.preprocess.job import Part, process_part
+from pipelines.preprocess.plan import Part
+from pipelines.preprocess.worker import process_part
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from bench_preprocess import preprocess_config
 import tempfile

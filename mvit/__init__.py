@@ -2,7 +2,7 @@
 
 from .config import BlockSpec, MViTConfig
 from .heads import ClassificationHead, RoIHead
-from .model import MViT, MultiScaleAttention, MultiScaleBlock, PatchEmbed
+from .model import MultiScaleAttention, MultiScaleBlock, MViT, PatchEmbed
 from .registry import create_model, get_config, list_models
 
 __all__ = [

@@ -7,9 +7,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
-from pipelines.config import ConfigError, load_config, print_effective
+from pipelines.commands import convert, flops, jobs, predict, shards, submit, workflow
+from pipelines.config import ConfigError, load_config, print_effective, split_config_args
+from pipelines.stages import STAGES, Stage
 
 STAGE_HELP = (
     "Arguments: an optional YAML config file followed by key=value overrides "
@@ -17,73 +18,21 @@ STAGE_HELP = (
 )
 
 
-def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
-    path = None
-    overrides = []
-    for item in items:
-        if "=" not in item and path is None and item.endswith((".yaml", ".yml")):
-            path = item
-        elif "=" not in item:
-            raise ConfigError(f"argument '{item}' is neither a .yaml config file nor a key=value override")
-        else:
-            overrides.append(item)
-    return path, overrides
-
-
-def _stage(sub, name: str, help_text: str, config_cls_path: str, runner: Callable):
-    parser = sub.add_parser(name, help=help_text, description=f"{help_text}. {STAGE_HELP}")
+def _stage(sub, stage: Stage) -> None:
+    parser = sub.add_parser(stage.name, help=stage.help, description=f"{stage.help}. {STAGE_HELP}")
     parser.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
 
     def run(ns) -> int:
-        module_name, cls_name = config_cls_path.rsplit(":", 1)
-        module = __import__(module_name, fromlist=[cls_name])
-        cfg = load_config(getattr(module, cls_name), *split_config_args(ns.args), section=name)
-        print_effective(name, cfg)
+        cfg = load_config(stage.config, *split_config_args(ns.args), section=stage.name)
+        print_effective(stage.name, cfg)
         if ns.print_config:
             return 0
-        result = runner(cfg)
-        print(json.dumps(result, sort_keys=True), flush=True)
+        result = stage.run(cfg)
+        print(json.dumps(result.to_dict(), sort_keys=True), flush=True)
         return 0
 
     parser.set_defaults(func=run)
-
-
-def _preprocess(cfg) -> dict:
-    from pipelines.preprocess.job import run
-
-    manifest = run(cfg)
-    return {
-        "output": cfg.output,
-        "num_samples": manifest.num_samples,
-        "quarantined": manifest.quarantined,
-        "shards": len(manifest.shards),
-    }
-
-
-def _train(cfg) -> dict:
-    from pipelines.train.job import run
-
-    return run(cfg).as_dict()
-
-
-def _evaluate(cfg) -> dict:
-    from pipelines.evaluate.job import run
-
-    return run(cfg)
-
-
-def _register(cfg) -> dict:
-    from pipelines.register.job import run
-
-    return run(cfg)
-
-
-# What each stage command runs on its typed config; the result is the JSON line it prints. The workflow's
-# in-process stages (pipelines/workflow/stages.py) run the same functions, so both give one result shape.
-STAGE_RUNNERS: dict[str, Callable[[object], dict]] = {
-    "preprocess": _preprocess, "train": _train, "evaluate": _evaluate, "register": _register,
-}
 
 
 def _demo_data(ns) -> int:
@@ -124,24 +73,15 @@ def _demo(ns) -> int:
     return 0
 
 
-PLUGIN_COMMANDS = (
-    "pipelines.commands.flops",
-    "pipelines.commands.convert",
-    "pipelines.commands.shards",
-    "pipelines.commands.submit",
-    "pipelines.commands.jobs",
-    "pipelines.commands.workflow",
-    "pipelines.commands.predict",
-)
+# Subcommands that live in their own modules: each has add_parser(subparsers) setting `func`.
+COMMAND_MODULES = (flops, convert, shards, submit, jobs, workflow, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvit", description="MViT video training system")
     sub = parser.add_subparsers(dest="command", required=True)
-    _stage(sub, "preprocess", "raw videos -> WebDataset shards + manifest", "pipelines.preprocess.job:PreprocessConfig", _preprocess)
-    _stage(sub, "train", "distributed training with Ray Train, tracked in MLflow", "pipelines.train.config:TrainConfig", _train)
-    _stage(sub, "evaluate", "multi-view top-1/top-5 of a checkpoint on a split", "pipelines.evaluate.job:EvaluateConfig", _evaluate)
-    _stage(sub, "register", "log the model to MLflow, register it, move @champion if better", "pipelines.register.job:RegisterConfig", _register)
+    for stage in STAGES.values():
+        _stage(sub, stage)
 
     data = sub.add_parser("demo-data", help="write a synthetic motion-classification video set (H.264 .mp4)")
     data.add_argument("out", type=Path)
@@ -163,13 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="a smaller set and fewer epochs (smoke test)")
     demo.set_defaults(func=_demo)
 
-    # Subcommands that live in their own modules: each has add_parser(subparsers) setting `func`.
-    for module in PLUGIN_COMMANDS:
-        try:
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    for module in COMMAND_MODULES:
+        module.add_parser(sub)
     return parser
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from omegaconf import OmegaConf
@@ -143,3 +143,33 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
 def print_effective(stage: str, cfg: Any) -> None:
     print(f"# effective {stage} config", flush=True)
     print(to_yaml(cfg), end="", flush=True)
+
+
+class StageResult:
+    """Base of a stage's typed result (a dataclass): the JSON line its command prints, and back."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Rebuild from a result line; keys this version does not know are ignored, missing ones fail."""
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"{cls.__name__}: the result lacks {missing}")
+        return cls(**{n: data[n] for n in names})
+
+
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line arguments -> (the YAML config file or None, the key=value overrides)."""
+    path = None
+    overrides = []
+    for item in items:
+        if "=" not in item and path is None and item.endswith((".yaml", ".yml")):
+            path = item
+        elif "=" not in item:
+            raise ConfigError(f"argument '{item}' is neither a .yaml config file nor a key=value override")
+        else:
+            overrides.append(item)
+    return path, overrides

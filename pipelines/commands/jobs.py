@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import sys
 
-from pipelines.commands import submit
+from pipelines import jobclient
 
 
 def _when(ms: int | None) -> str:
@@ -20,7 +20,7 @@ def _when(ms: int | None) -> str:
 def _describe(job) -> dict:
     return {
         "submission_id": job.submission_id,
-        "status": submit.status_name(job.status),
+        "status": jobclient.status_name(job.status),
         "entrypoint": job.entrypoint,
         "message": job.message or "",
         "start_time": _when(job.start_time),
@@ -30,7 +30,7 @@ def _describe(job) -> dict:
 
 
 def run(ns: argparse.Namespace) -> int:
-    client = submit.connect(ns.address)
+    client = jobclient.connect(ns.address)
     if ns.action == "list":
         jobs = sorted((_describe(j) for j in client.list_jobs() if j.submission_id),
                       key=lambda j: j["start_time"])
@@ -50,12 +50,12 @@ def run(ns: argparse.Namespace) -> int:
         return 0 if info["status"] != "FAILED" else 1
     if ns.action == "logs":
         if ns.follow:
-            status = submit.follow(client, ns.job_id)
+            status = jobclient.follow(client, ns.job_id)
             return 0 if status == "SUCCEEDED" else 1
         sys.stdout.write(client.get_job_logs(ns.job_id))
         return 0
     stopped = client.stop_job(ns.job_id)
-    status = submit.wait(client, ns.job_id, timeout_s=60) if stopped else submit.status_of(client, ns.job_id)
+    status = jobclient.wait(client, ns.job_id, timeout_s=60) if stopped else jobclient.status_of(client, ns.job_id)
     print(f"{ns.job_id}: {'stop requested, now ' if stopped else 'already ended: '}{status}")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.train import tracking
+from pipelines import tracking
 
 
 def predict(model_uri: str, videos: list[str], tracking_uri: str = "") -> list[dict]:
@@ -18,8 +18,8 @@ def predict(model_uri: str, videos: list[str], tracking_uri: str = "") -> list[d
 
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_server(uri)
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(model_uri)
+    with tracking.fluent(uri):
+        model = mlflow.pyfunc.load_model(model_uri)
     out = model.predict(pd.DataFrame({"video": videos}))
     return [
         {"video": video, "label": row["label"], "top5_labels": list(row["top5_labels"]),

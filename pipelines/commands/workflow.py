@@ -13,7 +13,7 @@ import sys
 
 
 def _load(ns):
-    from pipelines.cli import split_config_args
+    from pipelines.config import split_config_args
     from pipelines.workflow.config import load_workflow_config
 
     path, overrides = split_config_args(ns.args)

@@ -6,13 +6,28 @@ Pure functions over bytes (no WebDataset, no Ray), so the MLflow pyfunc model ca
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
 from pipelines.data.video import clip_indices, clip_starts, decode, decode_frames
-from pipelines.train.config import ClipConfig
+
+
+@dataclass
+class ClipConfig:
+    """How a clip is cut from a stored video; checkpoints carry it so inference decodes the same way."""
+
+    num_frames: int = 16
+    sampling_rate: int = 4  # source frames between two sampled frames (tau)
+    crop_size: int = 224
+    test_short_side: int = 256  # evaluation/inference: resize the short side to this, then centre-crop
+    train_crop: str = "random_resized"  # random_resized | random
+    min_crop_scale: float = 0.08  # random_resized only
+    horizontal_flip: bool = True  # off for direction-sensitive data (SSv2, the synthetic set)
+    mean: float = 0.45
+    std: float = 0.225
 
 
 # One decoder thread per clip: loaders parallelise across clips (DataLoader workers, DDP ranks), and

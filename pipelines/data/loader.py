@@ -20,19 +20,8 @@ from typing import Iterator
 import torch
 import webdataset as wds
 
-from pipelines.data import storage
-from pipelines.data.clips import eval_views, train_clip, train_transform
-from pipelines.data.shards import MEDIA_KEY, sample_metadata
-from pipelines.train.config import ClipConfig
-
-
-def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
-    return storage.open_read(url)
-
-
-# webdataset opens URLs through gopen; give it a boto3 reader for s3:// (any endpoint, botocore retries)
-# instead of its default of shelling out to an `aws` CLI that may not be installed.
-wds.gopen_schemes["s3"] = _open_s3
+from pipelines.data.clips import ClipConfig, eval_views, train_clip, train_transform
+from pipelines.data.shards import MEDIA_KEY, read_samples, sample_metadata, tar_samples
 
 
 def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
@@ -108,7 +97,7 @@ def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_e
     dataset = wds.DataPipeline(
         # worker_seed: the rank is already part of `seed`; only the DataLoader worker is added
         wds.ResampledShards(urls, seed=seed, worker_seed=lambda: _loader_worker()[0], deterministic=True),
-        wds.tarfile_to_samples(),
+        tar_samples,
         _shuffled(shuffle_buffer, seed),
         _decoded(clip, seed),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
@@ -121,8 +110,7 @@ def eval_samples(urls: list[str], clip: ClipConfig, views: int) -> Iterator[tupl
     """Every sample of `urls` once, in order (no resampling)."""
     if not urls:
         return iter(())
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
     return (
         (eval_views(s[MEDIA_KEY], clip, views, int(sample_metadata(s)["frames"])), int(s["cls"]), s["__key__"])
-        for s in dataset
+        for s in read_samples(urls)
     )

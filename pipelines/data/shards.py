@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,30 @@ INDEX_FIELDS = ("labels", "split", "media", "frames", "fps", "width", "height")
 
 class DatasetError(ValueError):
     """A preprocessed dataset prefix is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One line of quarantine.jsonl: an input that did not become a sample, and why."""
+
+    source: str
+    reason: str
+    key: str = ""  # the sample key it would have had ("" when rejected before a key was made)
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON line: `source` and `reason` always, `key` and `detail` when known."""
+        data = {"source": self.source}
+        if self.key:
+            data["key"] = self.key
+        data["reason"] = self.reason
+        if self.detail:
+            data["detail"] = self.detail
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuarantineEntry":
+        return cls(str(data["source"]), str(data["reason"]), str(data.get("key", "")), str(data.get("detail", "")))
 
 
 @dataclass
@@ -115,3 +140,25 @@ def read_manifest(prefix: str) -> Manifest:
 
 def sample_metadata(sample: dict) -> dict:
     return json.loads(sample["json"])
+
+
+def _opened(shards: Iterable[dict]) -> Iterator[dict]:
+    # Shards open through `storage` (local files; s3:// with boto3: any endpoint, botocore's retries)
+    # rather than webdataset's gopen, which shells out to an `aws` CLI for s3:// and would have to be
+    # patched process-wide to do otherwise.
+    for shard in shards:
+        yield {**shard, "stream": storage.open_read(shard["url"])}
+
+
+def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """WebDataset pipeline stage: shard dicts (`{"url": ...}`) -> samples (`{"__key__": ..., field: bytes}`)."""
+    import webdataset as wds
+
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(_opened(shards)))
+
+
+def read_samples(urls: list[str]) -> Iterator[dict]:
+    """Every sample of the shards `urls`, once, in order."""
+    import webdataset as wds
+
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), tar_samples))

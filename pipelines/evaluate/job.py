@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
-from pipelines.config import from_dict
-from pipelines.data import storage
+from pipelines import plots, tracking
+from pipelines.artifact import TrainedModel
+from pipelines.config import StageResult
 from pipelines.data.shards import DatasetError, read_manifest
-from pipelines.train import plots, tracking
-from pipelines.train.config import MlflowConfig, TrainConfig
-from pipelines.train.job import checkpoint_file
-from pipelines.train.loop import build_model, evaluate_views
+from pipelines.scoring import score_videos
+from pipelines.tracking import MlflowConfig
 
 
 @dataclass
@@ -31,64 +30,53 @@ class EvaluateConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
-def load_checkpoint(uri: str) -> dict:
-    """Read one of our training checkpoints (weights only: no pickle execution)."""
-    path = checkpoint_file(uri)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the checkpoint printed by `mvit train`")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "model.pt"
-        storage.download_file(path, local)
-        try:
-            return torch.load(local, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file must give a clear message
-            raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+@dataclass
+class EvaluateResult(StageResult):
+    split: str
+    videos: int
+    temporal_views: int
+    top1: float
+    top5: float
+    checkpoint: str
+    dataset: str
+    dataset_digest: str
+    mlflow_run_id: str  # the run it is logged into ("" = not logged)
+    tracking_uri: str  # where that run lives ("" = not logged)
+
+    @property
+    def metric_key(self) -> str:
+        """The MLflow metric this evaluation is logged as."""
+        return f"eval/{self.split}/top1"
 
 
-def model_from_checkpoint(state: dict) -> tuple[torch.nn.Module, TrainConfig]:
-    train_cfg = from_dict(TrainConfig, state["train_config"], origin="checkpoint train_config")
-    train_cfg.init_checkpoint = ""  # the weights come from this checkpoint, not from the run's initial ones
-    model = build_model(train_cfg, len(state["label_map"]))
-    model.load_state_dict(state["model"])
-    return model.eval(), train_cfg
-
-
-def run(cfg: EvaluateConfig) -> dict:
+def run(cfg: EvaluateConfig) -> EvaluateResult:
     manifest = read_manifest(cfg.dataset)
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")
-    state = load_checkpoint(cfg.checkpoint)
-    if state["label_map"] != manifest.label_map:
+    trained = TrainedModel.load(cfg.checkpoint)
+    if trained.label_map != manifest.label_map:
         raise DatasetError(f"the labels of checkpoint {cfg.checkpoint} differ from those of {cfg.dataset}")
-    model, train_cfg = model_from_checkpoint(state)
-    train_cfg.batch_size = cfg.batch_size
-    correct1, correct5, total, confusion = evaluate_views(
-        model, urls, train_cfg, len(manifest.label_map), torch.device("cpu"), views=cfg.temporal_views
-    )
-    report = {
-        "split": cfg.split,
-        "videos": total,
-        "temporal_views": cfg.temporal_views,
-        "top1": correct1 / total,
-        "top5": correct5 / total,
-        "checkpoint": cfg.checkpoint,
-        "dataset": cfg.dataset,
-        "dataset_digest": manifest.digest(),
-    }
+    precision = str(trained.train_config.get("precision", "fp32"))
+    score = score_videos(trained.model, urls, trained.clip, num_classes=len(manifest.label_map),
+                         device=torch.device("cpu"), views=cfg.temporal_views, batch_size=cfg.batch_size,
+                         precision=precision)
+    uri = tracking.resolve_uri(cfg.mlflow.tracking_uri) if cfg.mlflow_run_id else ""
+    report = EvaluateResult(split=cfg.split, videos=score.total, temporal_views=cfg.temporal_views,
+                            top1=score.top1, top5=score.top5, checkpoint=cfg.checkpoint, dataset=cfg.dataset,
+                            dataset_digest=manifest.digest(), mlflow_run_id=cfg.mlflow_run_id, tracking_uri=uri)
     if cfg.mlflow_run_id:
-        uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
         tracking.check_server(uri)
         tracker = tracking.MlflowTracker(uri, cfg.mlflow_run_id)
         tracking.log_config(tracker.client, cfg.mlflow_run_id, "evaluate", cfg)
-        tracker.log_metrics({f"eval/{cfg.split}/top1": report["top1"], f"eval/{cfg.split}/top5": report["top5"]},
-                            step=int(state.get("step", 0)))
+        tracker.log_metrics({report.metric_key: report.top1, f"eval/{cfg.split}/top5": report.top5},
+                            step=trained.step)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"eval_{cfg.split}.json")
-            Path(path).write_text(json.dumps(report, indent=1))
+            Path(path).write_text(json.dumps(report.to_dict(), indent=1))
             tracker.log_artifact(path, "eval")
             png = os.path.join(tmp, f"confusion_matrix_eval_{cfg.split}.png")
-            plots.confusion_matrix(confusion, manifest.labels, png)
+            plots.confusion_matrix(score.confusion, manifest.labels, png)
             tracker.log_artifact(png, "eval")
-    print(f"[evaluate] {cfg.split}: top1 {report['top1']:.4f} top5 {report['top5']:.4f} over {total} videos", flush=True)
+    print(f"[evaluate] {cfg.split}: top1 {report.top1:.4f} top5 {report.top5:.4f} over {score.total} videos", flush=True)
     return report

@@ -11,10 +11,10 @@ from omegaconf import MISSING
 
 import mvit
 import pipelines
-from pipelines.data.shards import MEDIA_KEY, read_manifest
-from pipelines.evaluate.job import load_checkpoint
-from pipelines.train import tracking
-from pipelines.train.config import MlflowConfig
+from pipelines import artifact, tracking
+from pipelines.config import StageResult
+from pipelines.data.shards import MEDIA_KEY, read_manifest, read_samples
+from pipelines.tracking import MlflowConfig
 
 PIP_REQUIREMENTS = ["torch", "torchvision", "av<19", "numpy", "pandas", "boto3", "omegaconf", "pyyaml", "webdataset", "mlflow"]
 
@@ -32,16 +32,25 @@ class RegisterConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
+@dataclass
+class RegisterResult(StageResult):
+    model_uri: str  # models:/NAME/VERSION
+    alias_uri: str  # models:/NAME@alias
+    model_name: str
+    version: int
+    promoted: bool
+    metric: float | None
+    tracking_uri: str  # the MLflow server holding the registry
+
+
 def _example_video(cfg: RegisterConfig, directory: Path) -> str:
     if cfg.example_video:
         return cfg.example_video
     if not cfg.dataset:
         raise ValueError("register needs dataset=<prefix> or example_video=<file> for the model's input example")
-    import webdataset as wds
-
     manifest = read_manifest(cfg.dataset)
     split = "val" if manifest.shard_urls(cfg.dataset, "val") else "train"
-    for sample in wds.WebDataset(manifest.shard_urls(cfg.dataset, split)[:1], shardshuffle=False, empty_check=False):
+    for sample in read_samples(manifest.shard_urls(cfg.dataset, split)[:1]):
         path = directory / f"{sample['__key__']}.mp4"
         path.write_bytes(sample[MEDIA_KEY])
         return str(path)
@@ -53,7 +62,7 @@ def _metric_of(client, run_id: str, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def run(cfg: RegisterConfig) -> dict:
+def run(cfg: RegisterConfig) -> RegisterResult:
     import mlflow
     import pandas as pd
 
@@ -62,15 +71,13 @@ def run(cfg: RegisterConfig) -> dict:
     uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
     tracking.check_server(uri)
     client = tracking.client(uri)
-    state = load_checkpoint(cfg.checkpoint)
+    state = artifact.load_state(cfg.checkpoint)
     tracking.log_config(client, cfg.mlflow_run_id, "register", cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        slim = Path(tmp) / "model.pt"
-        # Inference needs weights, labels and how clips are cut, not the optimizer state.
-        torch.save({k: state[k] for k in ("format", "model", "model_name", "config", "train_config", "label_map")}
-                   | {"temporal_views": cfg.temporal_views}, slim)
+        slim = Path(tmp) / artifact.CHECKPOINT_FILE
+        torch.save(artifact.slim(state, temporal_views=cfg.temporal_views), slim)
         example = _example_video(cfg, Path(tmp))
-        with mlflow.start_run(run_id=cfg.mlflow_run_id):
+        with tracking.fluent(uri), mlflow.start_run(run_id=cfg.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=MViTVideoClassifier(),
@@ -79,7 +86,8 @@ def run(cfg: RegisterConfig) -> dict:
                 input_example=pd.DataFrame({"video": [example]}),
                 pip_requirements=PIP_REQUIREMENTS,
             )
-    version = mlflow.register_model(info.model_uri, cfg.model_name)
+    with tracking.fluent(uri):
+        version = mlflow.register_model(info.model_uri, cfg.model_name)
     new_score = _metric_of(client, cfg.mlflow_run_id, cfg.metric)
     try:
         holder = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
@@ -94,10 +102,7 @@ def run(cfg: RegisterConfig) -> dict:
         f"@{cfg.alias} {'-> this version' if promote else f'stays on v{holder.version} ({holder_score})'}",
         flush=True,
     )
-    return {
-        "model_uri": f"models:/{cfg.model_name}/{version.version}",
-        "alias_uri": f"models:/{cfg.model_name}@{cfg.alias}",
-        "version": int(version.version),
-        "promoted": promote,
-        "metric": new_score,
-    }
+    return RegisterResult(model_uri=f"models:/{cfg.model_name}/{version.version}",
+                          alias_uri=f"models:/{cfg.model_name}@{cfg.alias}", model_name=cfg.model_name,
+                          version=int(version.version), promoted=promote, metric=new_score,
+                          tracking_uri=uri)

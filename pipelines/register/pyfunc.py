@@ -10,15 +10,12 @@ TOP_K = 5
 
 class MViTVideoClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
+        from pipelines.artifact import TrainedModel, read_local
 
-        from pipelines.evaluate.job import model_from_checkpoint
-
-        state = torch.load(context.artifacts["checkpoint"], map_location="cpu", weights_only=True)
-        self.model, train_cfg = model_from_checkpoint(state)
-        self.clip = train_cfg.clip
+        state = read_local(context.artifacts["checkpoint"])
+        trained = TrainedModel.from_state(state)
+        self.model, self.clip, self.labels = trained.model, trained.clip, trained.labels
         self.views = int(state.get("temporal_views", 1))
-        self.labels = [name for name, _ in sorted(state["label_map"].items(), key=lambda kv: kv[1])]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch

@@ -1,29 +1,17 @@
-"""Typed config of a training job (also read by evaluate/register through the checkpoint)."""
+"""Typed config of a training job (stored in every checkpoint: see pipelines/artifact.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from omegaconf import MISSING
 
+from pipelines.data.clips import ClipConfig
 from pipelines.raycluster import RayConfig
-
-
-@dataclass
-class ClipConfig:
-    """How a clip is cut from a stored video; checkpoints carry it so inference decodes the same way."""
-
-    num_frames: int = 16
-    sampling_rate: int = 4  # source frames between two sampled frames (tau)
-    crop_size: int = 224
-    test_short_side: int = 256  # evaluation/inference: resize the short side to this, then centre-crop
-    train_crop: str = "random_resized"  # random_resized | random
-    min_crop_scale: float = 0.08  # random_resized only
-    horizontal_flip: bool = True  # off for direction-sensitive data (SSv2, the synthetic set)
-    mean: float = 0.45
-    std: float = 0.225
+from pipelines.tracking import MlflowConfig
 
 
 @dataclass
@@ -36,13 +24,6 @@ class OptimConfig:
     min_lr: float = 1e-6
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
-
-
-@dataclass
-class MlflowConfig:
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else a local ./mlflow.db store
-    experiment: str = "mvit"
-    artifact_location: str = ""  # for a new experiment only ("" = the server's default)
 
 
 @dataclass
@@ -72,6 +53,9 @@ class TrainConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    # Where the job runs, not what it trains: left out of the workflow's config hash.
+    NOT_AFFECTING_OUTPUT: ClassVar[tuple[str, ...]] = ("ray",)
+
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"config key 'precision' must be fp32 or bf16, got {self.precision!r}")
@@ -84,6 +68,7 @@ class TrainConfig:
     def resolved_run_name(self) -> str:
         if self.run_name:
             return self.run_name
-        keep = {k: v for k, v in asdict(self).items() if k not in ("ray", "mlflow", "run_name")}
+        # The run's identity: what it trains, not where it runs or logs (a rerun resumes the same run).
+        keep = {k: v for k, v in asdict(self).items() if k not in (*self.NOT_AFFECTING_OUTPUT, "mlflow", "run_name")}
         digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.model}-{digest}"

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
+from pipelines import tracking
+from pipelines.config import StageResult
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, read_manifest
 from pipelines.raycluster import ensure_ray
-from pipelines.train import tracking
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from pipelines.train.loop import train_loop_per_worker
 
 
 @dataclass
-class TrainResult:
+class TrainResult(StageResult):
     run_name: str
     run_dir: str
     mlflow_run_id: str
     tracking_uri: str
     checkpoint: str  # URI of the latest checkpoint directory (holds model.pt)
     metrics: dict
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _checkpoint_uri(checkpoint, storage_path: str) -> str:
@@ -80,10 +78,6 @@ def run(cfg: TrainConfig) -> TrainResult:
     checkpoint = _checkpoint_uri(result.checkpoint, cfg.storage_path)
     tracking.client(tracking_uri).set_terminated(run_id, status="FINISHED")
     outcome = TrainResult(run_name, run_dir, run_id, tracking_uri, checkpoint, dict(result.metrics or {}))
-    storage.write_bytes(storage.join(run_dir, "result.json"), json.dumps(outcome.as_dict(), indent=1).encode())
+    storage.write_bytes(storage.join(run_dir, "result.json"), json.dumps(outcome.to_dict(), indent=1).encode())
     return outcome
 
-
-def checkpoint_file(checkpoint: str) -> str:
-    """Accept a checkpoint directory (Ray's) or the model.pt inside it."""
-    return checkpoint if checkpoint.endswith(".pt") else storage.join(checkpoint, CHECKPOINT_FILE)

@@ -6,27 +6,26 @@ up the latest checkpoint through `ray.train.get_checkpoint()` and continues at t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import mvit
+from pipelines import artifact
 from pipelines.data import storage
-from pipelines.data.loader import eval_samples, rank_shards, train_loader
+from pipelines.data.loader import rank_shards, train_loader
 from pipelines.data.shards import read_manifest
+from pipelines.scoring import all_reduce_sum, precision_context, score_videos
+from pipelines.tracking import MlflowTracker, NullTracker
 from pipelines.train.config import TrainConfig
-from pipelines.train.tracking import MlflowTracker, NullTracker
-
-CHECKPOINT_FILE = "model.pt"
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -68,78 +67,6 @@ def build_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-@torch.no_grad()
-def evaluate_views(model, urls, cfg: TrainConfig, num_classes: int, device, views: int = 1):
-    """Video-level top-1/top-5: softmax averaged over `views` temporal clips per video.
-    Returns (correct1, correct5, total, confusion) summed over every rank."""
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    correct1 = correct5 = total = 0
-    batch: list[tuple[torch.Tensor, int]] = []
-
-    def flush():
-        nonlocal correct1, correct5, total
-        clips = torch.cat([c for c, _ in batch]).to(device)
-        labels = torch.tensor([y for _, y in batch])
-        with _autocast(cfg, device):
-            logits = model(clips).float()
-        probs = logits.softmax(-1).view(len(batch), views, -1).mean(1).cpu()
-        top = probs.topk(min(5, num_classes), dim=-1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(-1).sum())
-        total += len(batch)
-        for y, p in zip(labels.tolist(), top[:, 0].tolist()):
-            confusion[y, p] += 1
-        batch.clear()
-
-    for clips, label, _key in eval_samples(urls, cfg.clip, views):
-        batch.append((clips, label))
-        if len(batch) * views >= cfg.batch_size:
-            flush()
-    if batch:
-        flush()
-    counts = _all_reduce_sum(torch.tensor([correct1, correct5, total], dtype=torch.long))
-    confusion = _all_reduce_sum(confusion)
-    model.train()
-    return int(counts[0]), int(counts[1]), int(counts[2]), confusion.numpy()
-
-
-def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, step: int, cfg: TrainConfig,
-                    label_map: dict[str, int], epoch_metrics: dict[str, float] | None = None) -> None:
-    """Our own checkpoint format: weights plus everything needed to rebuild and use the model."""
-    from dataclasses import asdict
-
-    module = getattr(model, "module", model)
-    torch.save(
-        {
-            "format": "mvit-train-v1",
-            "model": module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "model_name": cfg.model,
-            "config": asdict(module.cfg) if hasattr(module, "cfg") else {},
-            "train_config": asdict(cfg),
-            "label_map": label_map,
-            "epoch_metrics": epoch_metrics or {},
-        },
-        directory / CHECKPOINT_FILE,
-    )
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -172,7 +99,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            state = artifact.read_local(Path(directory) / artifact.CHECKPOINT_FILE)
         getattr(model, "module", model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -200,7 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         window_start, window_clips = time.perf_counter(), 0
         for clips, labels, keys in loader:
             clips, labels = clips.to(device), labels.to(device)
-            with _autocast(cfg, device):
+            with precision_context(cfg.precision, device):
                 logits = model(clips)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -227,11 +154,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 window_start, window_clips = time.perf_counter(), 0
 
-        correct1, correct5, total, confusion = evaluate_views(model, val_urls, cfg, num_classes, device)
-        train_loss = float(_all_reduce_sum(torch.tensor([epoch_loss / max(1, epoch_steps)])) / world)
+        val = score_videos(model, val_urls, cfg.clip, num_classes=num_classes, device=device,
+                           batch_size=cfg.batch_size, precision=cfg.precision)
+        train_loss = float(all_reduce_sum(torch.tensor([epoch_loss / max(1, epoch_steps)])) / world)
         metrics = {"epoch": epoch, "train/epoch_loss": train_loss}
-        if total:
-            metrics.update({"val/top1": correct1 / total, "val/top5": correct5 / total})
+        if val.total:
+            metrics.update({"val/top1": val.top1, "val/top5": val.top5})
         epoch_metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if rank == 0:
             print(f"[train] epoch {epoch}: {json.dumps(metrics)}", flush=True)
@@ -241,8 +169,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             storage.write_bytes(storage.join(run_dir, "data_audit", f"rank-{rank}.json"), json.dumps(audit).encode())
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch, step, cfg, manifest.label_map,
-                                epoch_metrics)
+                artifact.save_training_state(Path(tmp), model, optimizer, scheduler, epoch=epoch, step=step,
+                                             model_name=cfg.model, train_config=asdict(cfg),
+                                             label_map=manifest.label_map, epoch_metrics=epoch_metrics)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             else:
                 ckpt = None
@@ -252,11 +181,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker.log_metrics_once(epoch_metrics, step)
 
     if rank == 0 and isinstance(tracker, MlflowTracker):
-        _log_final_artifacts(tracker, manifest.labels, confusion if cfg.epochs > start_epoch else None)
+        _log_final_artifacts(tracker, manifest.labels, val.confusion if cfg.epochs > start_epoch else None)
 
 
 def _log_final_artifacts(tracker: MlflowTracker, labels: list[str], confusion: np.ndarray | None) -> None:
-    from pipelines.train import plots
+    from pipelines import plots
 
     with tempfile.TemporaryDirectory() as tmp:
         series = {k: tracker.history(k) for k in ("train/loss", "train/lr", "val/top1")}

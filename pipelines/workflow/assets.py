@@ -21,21 +21,23 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from pipelines.data import storage
+from pipelines.stages import STAGES, Stage
 from pipelines.workflow.config import (
     WorkflowConfig,
     WorkflowSettings,
     source_hash,
     stage_hash,
 )
-from pipelines.workflow.stages import run_stage
+from pipelines.workflow.launch import run_stage
 
 GROUP = "mvit"
-ASSET_ORDER = ("raw_videos", "dataset", "checkpoint", "evaluation", "registered_model")
-STAGE_OF = {"dataset": "preprocess", "checkpoint": "train", "evaluation": "evaluate", "registered_model": "register"}
+ASSET_ORDER = ("raw_videos", *(stage.asset for stage in STAGES.values()))
+STAGE_OF = {stage.asset: stage.name for stage in STAGES.values()}
 
 
 def _output(value: dict, data_version: str, metadata: dict | None = None) -> dg.Output:
@@ -104,70 +106,58 @@ def _raw_videos_asset(settings: WorkflowSettings):
     return raw_videos
 
 
+def _wired_config(stage: Stage, cfg: WorkflowConfig, upstream: dict[str, dict]) -> Any:
+    """The stage's config with the keys that come from upstream assets filled in."""
+    stage_cfg = getattr(cfg, stage.name)
+    if "checkpoint" not in upstream:
+        return stage_cfg
+    trained = upstream["checkpoint"]
+    # Log into the training run on the server training used: the train section's tracking_uri when the
+    # stage has none ("" on both = $MLFLOW_TRACKING_URI, resolved where the stage runs; the resolved URI is
+    # not copied in, so no credentials of the environment end up in a job's command line).
+    mlflow = stage_cfg.mlflow
+    if not mlflow.tracking_uri:
+        mlflow = dataclasses.replace(mlflow, tracking_uri=cfg.train.mlflow.tracking_uri)
+    return dataclasses.replace(stage_cfg, checkpoint=trained["checkpoint"], mlflow_run_id=trained["mlflow_run_id"],
+                               mlflow=mlflow)
+
+
+def _stage_asset(stage: Stage, cfg: WorkflowConfig, inputs: tuple[str, ...], deps: list, description: str,
+                 kinds: set[str]):
+    """The asset that runs `stage`: its value is the stage's result (a dict), its data version the stage
+    table's, its metadata the whole result (what `runner.missing_output` checks) plus headline numbers."""
+
+    @dg.asset(name=stage.asset, group_name=GROUP, deps=deps, kinds=kinds, description=description,
+              code_version=f"{stage.name}-{stage_hash(stage.name, getattr(cfg, stage.name))}",
+              ins={name: dg.AssetIn(name) for name in inputs})
+    def materialize(**upstream: dict) -> dg.Output[dict]:
+        result = run_stage(stage.name, _wired_config(stage, cfg, upstream), cfg.settings)
+        value = result.to_dict()
+        headline = {k: v for k, v in value.items() if isinstance(v, (int, float, str)) and k in HEADLINE}
+        return _output(value, stage.data_version(result), {RESULT_KEY: dg.MetadataValue.json(value), **headline})
+
+    return materialize
+
+
+# Result fields also shown as separate metadata entries in Dagster's UI.
+HEADLINE = ("digest", "num_samples", "quarantined", "shards", "checkpoint", "mlflow_run_id", "run_name",
+            "top1", "top5", "videos", "model_uri", "version", "promoted")
+RESULT_KEY = "result"
+
+
 def build_assets(cfg: WorkflowConfig) -> list:
-    settings = cfg.settings
-    raw_videos = _raw_videos_asset(settings)
-
-    @dg.asset(deps=[raw_videos], group_name=GROUP, kinds={"ray"},
-              code_version=f"preprocess-{stage_hash('preprocess', cfg.preprocess)}",
-              description="WebDataset shards + manifest.json (mvit preprocess)")
-    def dataset() -> dg.Output[dict]:
-        from pipelines.data.shards import read_manifest
-
-        run_stage("preprocess", cfg.preprocess, settings)
-        manifest = read_manifest(cfg.preprocess.output)
-        value = {"prefix": cfg.preprocess.output, "digest": manifest.digest(), "num_samples": manifest.num_samples,
-                 "quarantined": manifest.quarantined, "splits": manifest.splits, "labels": manifest.labels}
-        return _output(value, manifest.digest(), {
-            "manifest": storage.join(cfg.preprocess.output, "manifest.json"), "digest": manifest.digest(),
-            "num_samples": manifest.num_samples, "quarantined": manifest.quarantined, "shards": len(manifest.shards)})
-
-    @dg.asset(group_name=GROUP, kinds={"ray", "pytorch"},
-              code_version=f"train-{stage_hash('train', cfg.train)}",
-              description="the trained checkpoint (mvit train: Ray Train DDP, tracked in MLflow)")
-    def checkpoint(dataset: dict) -> dg.Output[dict]:
-        from pipelines.train.job import checkpoint_file
-
-        result = run_stage("train", cfg.train, settings)
-        value = {k: result[k] for k in ("checkpoint", "mlflow_run_id", "tracking_uri", "run_name", "run_dir")}
-        value["dataset_digest"] = dataset["digest"]
-        return _output(value, _digest(result["checkpoint"]), {
-            "checkpoint_file": checkpoint_file(result["checkpoint"]), "mlflow_run_id": result["mlflow_run_id"],
-            "tracking_uri": result["tracking_uri"], "run_name": result["run_name"]})
-
-    def _downstream_config(stage_cfg, ckpt: dict):
-        # Log into the training run on the server training used: the train section's tracking_uri when the
-        # stage has none ("" on both = $MLFLOW_TRACKING_URI, resolved where the stage runs; the resolved URI is
-        # not copied in, so no credentials of the environment end up in a job's command line).
-        mlflow = stage_cfg.mlflow
-        if not mlflow.tracking_uri:
-            mlflow = dataclasses.replace(mlflow, tracking_uri=cfg.train.mlflow.tracking_uri)
-        return dataclasses.replace(stage_cfg, checkpoint=ckpt["checkpoint"], mlflow_run_id=ckpt["mlflow_run_id"],
-                                   mlflow=mlflow)
-
-    @dg.asset(group_name=GROUP, kinds={"pytorch"},
-              code_version=f"evaluate-{stage_hash('evaluate', cfg.evaluate)}",
-              description="multi-view top-1/top-5 of the checkpoint (mvit evaluate), logged to its MLflow run")
-    def evaluation(checkpoint: dict) -> dg.Output[dict]:
-        eval_cfg = _downstream_config(cfg.evaluate, checkpoint)
-        report = run_stage("evaluate", eval_cfg, settings)
-        return _output(report, _digest(report), {
-            "top1": float(report["top1"]), "top5": float(report["top5"]), "videos": int(report["videos"]),
-            "mlflow_run_id": checkpoint["mlflow_run_id"], "tracking_uri": checkpoint["tracking_uri"],
-            "metric_key": f"eval/{eval_cfg.split}/top1"})
-
-    @dg.asset(group_name=GROUP, kinds={"mlflow"},
-              code_version=f"register-{stage_hash('register', cfg.register)}",
-              description="the model version in the MLflow registry (mvit register; alias moves when better)")
-    def registered_model(checkpoint: dict, evaluation: dict) -> dg.Output[dict]:
-        reg_cfg = _downstream_config(cfg.register, checkpoint)
-        registered = run_stage("register", reg_cfg, settings)
-        return _output(registered, registered["model_uri"], {
-            "model_uri": registered["model_uri"], "model_name": reg_cfg.model_name,
-            "version": int(registered["version"]), "promoted": bool(registered["promoted"]),
-            "tracking_uri": checkpoint["tracking_uri"]})
-
-    return [raw_videos, dataset, checkpoint, evaluation, registered_model]
+    raw_videos = _raw_videos_asset(cfg.settings)
+    return [
+        raw_videos,
+        _stage_asset(STAGES["preprocess"], cfg, (), [raw_videos], "WebDataset shards + manifest.json (mvit preprocess)",
+                     {"ray"}),
+        _stage_asset(STAGES["train"], cfg, ("dataset",), [], "the trained checkpoint (mvit train: Ray Train DDP, "
+                     "tracked in MLflow)", {"ray", "pytorch"}),
+        _stage_asset(STAGES["evaluate"], cfg, ("checkpoint",), [], "multi-view top-1/top-5 of the checkpoint "
+                     "(mvit evaluate), logged to its MLflow run", {"pytorch"}),
+        _stage_asset(STAGES["register"], cfg, ("checkpoint", "evaluation"), [], "the model version in the MLflow "
+                     "registry (mvit register; alias moves when better)", {"mlflow"}),
+    ]
 
 
 def io_manager(settings: WorkflowSettings) -> dg.FilesystemIOManager:

@@ -28,8 +28,9 @@ from pipelines.config import STAGE_SECTIONS, ConfigError, load_config, read_yaml
 from pipelines.data import storage
 from pipelines.data.synthetic import SyntheticSpec
 from pipelines.evaluate.job import EvaluateConfig
-from pipelines.preprocess.job import PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.register.job import RegisterConfig
+from pipelines.stages import STAGES
 from pipelines.train.config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "workflow.yaml"
@@ -84,18 +85,6 @@ class WorkflowConfig:
     register: RegisterConfig
 
 
-# Keys of each stage that the workflow sets (from workflow settings or from the upstream asset), and
-# the workflow key a user should set instead (None: it comes from the upstream asset).
-WIRED_KEYS: dict[str, dict[str, str | None]] = {
-    "preprocess": {"source": "workflow.source", "output": "workflow.dataset"},
-    "train": {"dataset": "workflow.dataset", "storage_path": "workflow.storage_path"},
-    "evaluate": {"dataset": "workflow.dataset", "checkpoint": None, "mlflow_run_id": None},
-    "register": {"dataset": "workflow.dataset", "checkpoint": None, "mlflow_run_id": None},
-}
-STAGE_CLASSES = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
-                 "register": RegisterConfig}
-
-
 def _read_sections(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -125,7 +114,7 @@ def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 
 def _refuse_wired(stage: str, section: dict, overrides: list[str], origin: str) -> None:
-    for key, instead in WIRED_KEYS[stage].items():
+    for key, instead in STAGES[stage].wired.items():
         given = key in (section or {}) or any(o.split("=", 1)[0] == key for o in overrides)
         if given:
             hint = f"set {instead} instead" if instead else "it is the output of the upstream asset"
@@ -147,25 +136,23 @@ def load_workflow_config(path: str | Path | None = None, overrides: list[str] | 
         "register": {"dataset": settings.resolved_dataset(), "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
     }
     stages = {}
-    for stage, cls in STAGE_CLASSES.items():
-        _refuse_wired(stage, sections.get(stage) or {}, by_section[stage], origin)
-        fill = [f"{key}={json.dumps(value)}" for key, value in wired[stage].items()]
-        stages[stage] = load_config(cls, path, [*by_section[stage], *fill], section=stage)
+    for stage in STAGES.values():
+        _refuse_wired(stage.name, sections.get(stage.name) or {}, by_section[stage.name], origin)
+        fill = [f"{key}={json.dumps(value)}" for key, value in wired[stage.name].items()]
+        stages[stage.name] = load_config(stage.config, path, [*by_section[stage.name], *fill], section=stage.name)
     return WorkflowConfig(settings=settings, **stages)
 
 
 # What decides "unchanged" for a stage is the hash of its config without the keys the workflow wires in
-# (those are covered by the upstream asset's data version) and without where it runs (Ray address,
-# worker processes of preprocessing: they do not change the output). STAGE_LOGIC_VERSION is bumped by
+# (those are covered by the upstream asset's data version) and without the keys that change how it runs,
+# not what it produces (the stage table's `not_affecting_output`). STAGE_LOGIC_VERSION is bumped by
 # hand when a stage's code changes what it produces, so that existing outputs are recomputed.
 STAGE_LOGIC_VERSION = {"raw_videos": 1, "preprocess": 1, "train": 1, "evaluate": 1, "register": 1}
-NOT_AFFECTING_OUTPUT = {"preprocess": ("num_workers", "cpus_per_task", "ray"), "train": ("ray",),
-                        "evaluate": (), "register": ()}
 
 
 def stage_hash(stage: str, cfg: Any) -> str:
     data = dataclasses.asdict(cfg)
-    for key in (*WIRED_KEYS.get(stage, {}), *NOT_AFFECTING_OUTPUT.get(stage, ())):
+    for key in (*STAGES[stage].wired, *STAGES[stage].not_affecting_output):
         data.pop(key, None)
     payload = json.dumps({"stage": stage, "logic": STAGE_LOGIC_VERSION[stage], "config": data}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

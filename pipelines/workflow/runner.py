@@ -21,7 +21,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipelines.workflow.assets import ASSET_ORDER, STAGE_OF, build_definitions
+from pipelines.stages import stage_of_asset
+from pipelines.workflow.assets import ASSET_ORDER, RESULT_KEY, STAGE_OF, build_definitions
 from pipelines.workflow.config import WorkflowConfig, WorkflowSettings
 
 ALIASES = {"source": "raw_videos", "raw": "raw_videos", **{stage: key for key, stage in STAGE_OF.items()}}
@@ -98,28 +99,10 @@ def missing_output(instance: dg.DagsterInstance, key: str) -> str | None:
     if key == "raw_videos":
         uri = meta.get("labels_csv")
         return None if uri is None or storage.exists(uri) else f"{uri} is gone"
-    if key == "dataset":
-        return None if storage.exists(meta["manifest"]) else f"{meta['manifest']} is gone"
-    if key == "checkpoint":
-        return None if storage.exists(meta["checkpoint_file"]) else f"{meta['checkpoint_file']} is gone"
-
-    import mlflow
-
-    from pipelines.train import tracking
-
-    tracking.check_server(meta["tracking_uri"])
-    client = mlflow.MlflowClient(meta["tracking_uri"])
-    if key == "evaluation":
-        try:
-            metrics = client.get_run(meta["mlflow_run_id"]).data.metrics
-        except mlflow.exceptions.MlflowException:
-            return f"MLflow run {meta['mlflow_run_id']} is gone"
-        return None if meta["metric_key"] in metrics else f"run {meta['mlflow_run_id']} has no {meta['metric_key']}"
-    try:
-        client.get_model_version(meta["model_name"], str(meta["version"]))
-    except mlflow.exceptions.MlflowException:
-        return f"model version {meta['model_name']} v{meta['version']} is gone from the registry"
-    return None
+    stage = stage_of_asset(key)
+    if RESULT_KEY not in meta:
+        return "no result recorded with its last materialization"
+    return stage.output_missing(stage.result.from_dict(meta[RESULT_KEY]))
 
 
 def observe_source(instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
@@ -195,6 +178,13 @@ def _run(instance: dg.DagsterInstance, cfg: WorkflowConfig, only: list[str] | No
         print(f"[workflow] {key}: materialized in {summary['seconds'][key]:.1f}s (run {result.run_id})", flush=True)
     summary.update(latest_outputs(instance))
     return summary
+
+
+def latest_results(settings: WorkflowSettings) -> dict[str, dict]:
+    """The stage results recorded with each asset's latest materialization (asset -> result dict)."""
+    with open_instance(settings) as instance:
+        found = {key: _metadata(instance, key).get(RESULT_KEY) for key in ASSET_ORDER}
+    return {key: result for key, result in found.items() if result is not None}
 
 
 def latest_outputs(instance: dg.DagsterInstance) -> dict:

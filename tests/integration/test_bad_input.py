@@ -57,9 +57,10 @@ def test_s3_without_credentials(capsys, tmp_path, monkeypatch):
 
 
 def test_mlflow_uri_that_does_not_answer(capsys, services, ray_session, tmp_path):
-    from pipelines.data.synthetic import SyntheticSpec, generate
     from pipelines.config import load_config
-    from pipelines.preprocess.job import PreprocessConfig, run as preprocess
+    from pipelines.data.synthetic import SyntheticSpec, generate
+    from pipelines.preprocess.config import PreprocessConfig
+    from pipelines.preprocess.job import run as preprocess
 
     generate(tmp_path / "videos", SyntheticSpec(classes=2, videos_per_class=2, frames=8, size=32))
     preprocess(load_config(PreprocessConfig, None, [f"source={tmp_path}/videos", f"output={tmp_path}/ds", "fps=0",

@@ -12,7 +12,7 @@ from pipelines.config import load_config
 from pipelines.data import storage
 from pipelines.evaluate.job import EvaluateConfig
 from pipelines.evaluate.job import run as evaluate
-from pipelines.preprocess.job import PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
 from pipelines.register.job import RegisterConfig
 from pipelines.register.job import run as register
@@ -103,7 +103,7 @@ def test_alias_resolves_and_model_predicts(pipeline, raw_videos_s3, services):
     registered = pipeline["registered"]
     client = mlflow.MlflowClient(services.mlflow_uri)
     holder = client.get_model_version_by_alias("it-model", "champion")
-    assert int(holder.version) == registered["version"] and registered["promoted"]
+    assert int(holder.version) == registered.version and registered.promoted
     model = mlflow.pyfunc.load_model("models:/it-model@champion")
     video = "s3://mvit/raw/left_speed1/left_speed1_0000.mp4"
     out = model.predict(pd.DataFrame({"video": [video]}))

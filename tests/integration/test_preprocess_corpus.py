@@ -11,7 +11,7 @@ import webdataset as wds
 from pipelines.config import load_config
 from pipelines.data.shards import sample_metadata
 from pipelines.data.video import decode
-from pipelines.preprocess.job import PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
 from tests import media
 

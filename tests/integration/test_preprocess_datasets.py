@@ -17,7 +17,7 @@ from pipelines.commands.shards import verify
 from pipelines.config import load_config
 from pipelines.data.shards import sample_metadata
 from pipelines.data.video import decode
-from pipelines.preprocess.job import PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
 from tests import media
 
@@ -152,8 +152,8 @@ def test_image_folder_becomes_jpeg_samples(ray_session, tmp_path):
     assert "jpg" in sample and "mp4" not in sample and meta["media"] == "image"
     assert (meta["width"], meta["height"]) == (48, 32)  # short side 32
     assert (metas["b.jpeg"][1]["width"], metas["b.jpeg"][1]["height"]) == (32, 48)  # EXIF orientation applied
-    from torchvision.io import decode_image
     import torch
+    from torchvision.io import decode_image
 
     image = decode_image(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
     assert tuple(image.shape) == (3, 32, 48)
@@ -177,8 +177,9 @@ def _cuts_of_a_movie(s3) -> tuple[bytes, list]:
     return movie, [cut("gone", 0.0), cut("empty", 0.0), cut("movie", 6.0), cut("movie", 12.0)]
 
 
-def _process(records, out: Path, stream_min_bytes: int) -> dict:
-    from pipelines.preprocess.job import Part, process_part
+def _process(records, out: Path, stream_min_bytes: int):
+    from pipelines.preprocess.plan import Part
+    from pipelines.preprocess.worker import process_part
 
     cfg = load_config(PreprocessConfig, None, ["source=unused", f"output={out}", "short_side=32",
                                               f"stream_min_bytes={stream_min_bytes}"])
@@ -194,12 +195,12 @@ def test_time_ranges_of_a_big_s3_file_are_read_by_ranges(s3, tmp_path, monkeypat
     monkeypatch.setattr(storage, "SEEK_BUFFER_BYTES", 32 * 1024)
     whole = _process(records, tmp_path / "whole", 10**12)
     ranged = _process(records, tmp_path / "ranged", 0)
-    assert ranged["shards"] and [s["sha256"] for s in ranged["shards"]] == [s["sha256"] for s in whole["shards"]]
-    assert sum(s["num_samples"] for s in ranged["shards"]) == 2
+    assert ranged.shards and [s.sha256 for s in ranged.shards] == [s.sha256 for s in whole.shards]
+    assert sum(s.num_samples for s in ranged.shards) == 2
     reasons = ["missing file", "empty file"]
-    assert [q["reason"] for q in ranged["quarantine"]] == [q["reason"] for q in whole["quarantine"]] == reasons
-    assert whole["bytes_in"] == len(movie)  # one download for both cuts
-    assert 0 < ranged["bytes_in"] < len(movie) / 2
+    assert [q.reason for q in ranged.quarantine] == [q.reason for q in whole.quarantine] == reasons
+    assert whole.bytes_in == len(movie)  # one download for both cuts
+    assert 0 < ranged.bytes_in < len(movie) / 2
 
 
 def test_a_failing_ranged_read_fails_the_part_instead_of_quarantining(s3, tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_a_failing_ranged_read_fails_the_part_instead_of_quarantining(s3, tmp_pa
     import botocore.exceptions
 
     from pipelines.data import storage
-    from pipelines.preprocess.job import PARTS_DIR
+    from pipelines.preprocess.worker import PARTS_DIR
 
     _, records = _cuts_of_a_movie(s3)
     real_client = storage.s3_client

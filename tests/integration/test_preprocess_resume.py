@@ -16,8 +16,9 @@ import pytest
 import webdataset as wds
 
 from pipelines.config import load_config
-from pipelines.preprocess.job import PARTS_DIR, PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
+from pipelines.preprocess.worker import PARTS_DIR
 from tests import media
 
 pytestmark = pytest.mark.integration

@@ -27,10 +27,10 @@ import psutil
 import pytest
 
 from pipelines import stack as local_stack
+from pipelines.artifact import checkpoint_file
 from pipelines.data import storage
 from pipelines.data.shards import read_manifest
 from pipelines.raycluster import runtime_env
-from pipelines.train.job import checkpoint_file
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +220,7 @@ def test_requests_without_the_right_token_are_refused(ray_head, tmp_path, mvit_i
 def test_workflow_stage_runs_as_a_ray_job(submitted, ray_head, services):
     """The workflow's cluster mode: the evaluate asset's stage as a job on the head, result read back."""
     from pipelines.workflow.config import load_workflow_config
-    from pipelines.workflow.stages import run_as_ray_job
+    from pipelines.workflow.launch import run_as_ray_job
 
     trained = train_result(submitted)
     cfg = load_workflow_config(REPO / "configs" / "workflow.yaml",
@@ -229,9 +229,9 @@ def test_workflow_stage_runs_as_a_ray_job(submitted, ray_head, services):
     evaluate_cfg = dataclasses.replace(cfg.evaluate, checkpoint=trained["checkpoint"],
                                        mlflow_run_id=trained["mlflow_run_id"])
     report = run_as_ray_job("evaluate", evaluate_cfg, cfg.settings)
-    assert report["checkpoint"] == trained["checkpoint"] and report["videos"] == 16
-    assert report["dataset_digest"] == read_manifest(DATASET).digest()
+    assert report.checkpoint == trained["checkpoint"] and report.videos == 16
+    assert report.dataset_digest == read_manifest(DATASET).digest()
     import mlflow
 
     metrics = mlflow.MlflowClient(services.mlflow_uri).get_run(trained["mlflow_run_id"]).data.metrics
-    assert metrics["eval/val/top1"] == pytest.approx(report["top1"])
+    assert metrics["eval/val/top1"] == pytest.approx(report.top1)

@@ -14,7 +14,7 @@ import pytest
 from pipelines.config import load_config
 from pipelines.data.shards import read_manifest
 from pipelines.data.synthetic import SyntheticSpec, generate
-from pipelines.preprocess.job import PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
 from pipelines.train.config import TrainConfig
 from pipelines.train.job import run as train

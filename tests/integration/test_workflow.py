@@ -15,8 +15,8 @@ from pipelines.config import ConfigError, load_config
 from pipelines.data import storage
 from pipelines.train.config import TrainConfig
 from pipelines.workflow.config import load_workflow_config, stage_hash
+from pipelines.workflow.launch import config_overrides
 from pipelines.workflow.runner import stale_status
-from pipelines.workflow.stages import config_overrides
 
 pytestmark = pytest.mark.integration
 

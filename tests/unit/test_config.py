@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pipelines.cli import main, split_config_args
-from pipelines.config import ConfigError, flatten, load_config
-from pipelines.preprocess.job import PreprocessConfig
+from pipelines.cli import main
+from pipelines.config import ConfigError, flatten, load_config, split_config_args
+from pipelines.preprocess.config import PreprocessConfig
 from pipelines.train.config import TrainConfig
 
 

@@ -5,11 +5,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipelines.data.sources import folder_per_class, path_label_csv, sample_key
+from pipelines.data.sources import VideoRecord, folder_per_class, path_label_csv, sample_key
 from pipelines.data.synthetic import SyntheticSpec, generate, render_video
 from pipelines.data.video import VideoError, clip_indices, clip_starts, decode, encode_mp4, resample_fps, target_size
-from pipelines.preprocess.job import PreprocessConfig, plan_parts
-from pipelines.data.sources import VideoRecord
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.plan import plan_parts
 
 
 def test_synthetic_set_is_deterministic_and_real_h264(tmp_path):
@@ -188,8 +188,8 @@ def test_training_stream_is_a_function_of_its_seed(tmp_path, loader_workers):
     (WebDataset's own resampling mixes the clock into its shard draws.)"""
     import torch
 
+    from pipelines.data.clips import ClipConfig
     from pipelines.data.loader import train_loader
-    from pipelines.train.config import ClipConfig
 
     urls = _write_clip_shards(tmp_path)
     clip = ClipConfig(**TINY_CLIP)
@@ -211,8 +211,8 @@ def test_training_stream_is_a_function_of_its_seed(tmp_path, loader_workers):
 @pytest.mark.parametrize(("steps", "loader_workers"), [(6, 0), (6, 2), (5, 2), (1, 3)])
 def test_an_epoch_is_steps_per_epoch_batches_whatever_the_loader_workers(tmp_path, steps, loader_workers):
     # DDP needs the same count on every rank, and the LR schedule was built for exactly this many steps.
+    from pipelines.data.clips import ClipConfig
     from pipelines.data.loader import train_loader
-    from pipelines.train.config import ClipConfig
 
     urls = _write_clip_shards(tmp_path, shards=2, per_shard=4)
     loader = train_loader(urls, ClipConfig(**TINY_CLIP), batch_size=2, steps_per_epoch=steps, shuffle_buffer=4,
@@ -238,8 +238,8 @@ def test_crops_depend_on_the_seed_not_on_the_global_generator(tmp_path):
 
     import torch
 
+    from pipelines.data.clips import ClipConfig
     from pipelines.data.loader import _decoded
-    from pipelines.train.config import ClipConfig
     from tests.media import good
 
     sample = {"__key__": "a", "mp4": good(frames=12, height=48, width=48), "cls": b"0",

@@ -37,7 +37,7 @@ SECRET_NAME = "mvit-s3"  # the Kubernetes Secret holding the object-storage cred
 SECRET_LIKE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY)", re.IGNORECASE)
 AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 STAGE_CONFIGS = {
-    "preprocess": "pipelines.preprocess.job:PreprocessConfig",
+    "preprocess": "pipelines.preprocess.config:PreprocessConfig",
     "train": "pipelines.train.config:TrainConfig",
     "evaluate": "pipelines.evaluate.job:EvaluateConfig",
     "register": "pipelines.register.job:RegisterConfig",

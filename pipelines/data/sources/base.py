@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pipelines.data import storage
+from pipelines.data.shards import QuarantineEntry
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -62,10 +63,8 @@ class VideoRecord:
         object.__setattr__(self, "labels", labels)
 
 
-@dataclass(frozen=True)
-class Rejected:
-    source: str
-    reason: str
+# An input an adapter can already tell is unusable: it becomes one line of quarantine.jsonl.
+Rejected = QuarantineEntry
 
 
 def sample_key(relative_path: str) -> str:

@@ -1,16 +1,18 @@
-"""PNG artifacts for MLflow: loss/accuracy curves and a confusion matrix (matplotlib, headless)."""
+"""PNG artifacts for MLflow: loss/accuracy curves and a confusion matrix.
+
+Figures are made with matplotlib's object API (`Figure`), not pyplot: no backend is selected and no
+global state is touched, so importing this module has no side effects and works headless.
+"""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def curves(series: dict[str, list[tuple[int, float]]], path: str) -> None:
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(series), 3))
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (name, points) in zip(axes[0], series.items()):
         if points:
             steps, values = zip(*points)
@@ -19,12 +21,12 @@ def curves(series: dict[str, list[tuple[int, float]]], path: str) -> None:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def confusion_matrix(matrix: np.ndarray, labels: list[str], path: str) -> None:
     size = max(4, 0.45 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ticks = np.arange(len(labels))
     if len(labels) <= 60:
@@ -37,4 +39,3 @@ def confusion_matrix(matrix: np.ndarray, labels: list[str], path: str) -> None:
     ax.set_ylabel("true")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,16 +1,23 @@
-"""MLflow tracking behind a small protocol: the driver opens (or re-opens) the run, rank 0 logs to it.
+"""MLflow tracking for every stage, behind a small protocol: the training driver opens (or re-opens) the
+run, rank 0 logs to it; evaluate and register log into the same run.
 
-One MLflow run per job: its id is stored next to the checkpoints (`<run dir>/mlflow_run_id`), so a
-restarted worker group, or a rerun of the same command, keeps logging into the same run.
+One MLflow run per training job: its id is stored next to the checkpoints (`<run dir>/mlflow_run_id`), so
+a restarted worker group, or a rerun of the same command, keeps logging into the same run.
+
+Clients are passed around, never installed globally: MLflow's fluent API (log_model, register_model,
+pyfunc.load_model), which only reads the process-wide tracking URI, runs inside `fluent(uri)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +25,13 @@ from pipelines.config import flatten, to_yaml
 from pipelines.data import storage
 
 DEFAULT_LOCAL_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else a local ./mlflow.db store
+    experiment: str = "mvit"
+    artifact_location: str = ""  # for a new experiment only ("" = the server's default)
 
 
 class TrackingError(RuntimeError):
@@ -50,8 +64,19 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 def client(uri: str):
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def fluent(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (which reads only the process-wide tracking URI) pointed at `uri` for the
+    duration of the block, then back to what it was."""
+    # MLflow's own scoped setter (not exported; pinned in constraints.txt): it restores the previous
+    # value even when that was "unset", which the public get/set pair cannot express.
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
 
 
 def ensure_experiment(mlflow_client, mlflow_cfg) -> str:

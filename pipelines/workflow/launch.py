@@ -12,8 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
-from pipelines.cli import STAGE_RUNNERS
-from pipelines.config import print_effective
+from pipelines.config import StageResult, print_effective
+from pipelines.stages import STAGES
 from pipelines.workflow.config import WorkflowSettings
 
 
@@ -49,25 +49,25 @@ def last_json_object(logs: str) -> dict:
     raise StageError("the job finished but printed no JSON result line; see its log")
 
 
-def run_as_ray_job(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
-    from pipelines.commands import submit
+def run_as_ray_job(stage: str, cfg: Any, settings: WorkflowSettings) -> StageResult:
+    from pipelines import jobclient
 
     args = [stage, *config_overrides(cfg)]
-    client = submit.connect(settings.ray_address)
-    job_id = submit.submit_job(client, args, working_dir=settings.working_dir,
+    client = jobclient.connect(settings.ray_address)
+    job_id = jobclient.submit_job(client, args, working_dir=settings.working_dir,
                                metadata={"mvit.workflow_stage": stage})
     print(f"[workflow] {stage}: Ray job {job_id} on {settings.ray_address}", flush=True)
-    status = submit.follow(client, job_id, timeout_s=settings.job_timeout_s or None)
+    status = jobclient.follow(client, job_id, timeout_s=settings.job_timeout_s or None)
     logs = client.get_job_logs(job_id)
     if status != "SUCCEEDED":
         raise StageError(f"{stage} as Ray job {job_id} on {settings.ray_address} ended {status}:\n"
-                         f"{submit.job_message(client, job_id)}\n--- last lines of its log ---\n{submit.tail(logs)}")
-    return last_json_object(logs)
+                         f"{jobclient.job_message(client, job_id)}\n--- last lines of its log ---\n{jobclient.tail(logs)}")
+    return STAGES[stage].result.from_dict(last_json_object(logs))
 
 
-def run_stage(stage: str, cfg: Any, settings: WorkflowSettings) -> dict:
+def run_stage(stage: str, cfg: Any, settings: WorkflowSettings) -> StageResult:
+    """The stage's typed result, either way it runs (in-process it is the function behind `mvit <stage>`)."""
     print_effective(stage, cfg)
     if settings.ray_address:
         return run_as_ray_job(stage, cfg, settings)
-    # the functions behind the `mvit <stage>` commands: both ways of running give the asset one result shape
-    return STAGE_RUNNERS[stage](cfg)
+    return STAGES[stage].run(cfg)
