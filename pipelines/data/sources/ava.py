@@ -1,7 +1,8 @@
 """AVA v2.2 (spatio-temporal action detection): `ava_{train,val}_v2.2.csv` rows
 `video_id,timestamp,x1,y1,x2,y2,action_id,person_id` (boxes normalised to [0, 1]) and the action list
 `ava_action_list_v2.2.pbtxt`. Videos are the 15-minute movie excerpts `<video_id>.<mp4|mkv|webm>`
-annotated at 1 Hz keyframes, seconds 902..1798 of each movie."""
+annotated at 1 Hz keyframes, seconds 902..1798 of each movie. `window_s` moves that annotated window
+(synthetic sets in the same layout use short videos annotated from second 0, see pipelines/data/synthetic_ava.py)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ def read_action_list(annotations: str, action_list: str = ACTION_LIST_FILE) -> d
     return parse_action_list(read_text(uri, "AVA action list"), uri)
 
 
-def _row(row: list[str], actions: dict[int, str]) -> tuple[str, int, list[float], int, int] | str:
+def _row(
+    row: list[str], actions: dict[int, str], window_s: tuple[int, int]
+) -> tuple[str, int, list[float], int, int] | str:
     """(video_id, timestamp, box, action_id, person_id), or the reason the row is unusable."""
     if len(row) not in (7, 8):
         return f"expected {COLUMNS} ({len(row)} columns)"
@@ -115,14 +118,25 @@ def _row(row: list[str], actions: dict[int, str]) -> tuple[str, int, list[float]
         person_id = int(row[7]) if len(row) == 8 else -1
     except ValueError as exc:
         return f"non-numeric field ({exc})"
-    if not ANNOTATED_START_S <= timestamp <= ANNOTATED_END_S:
-        return f"timestamp {timestamp} outside AVA's annotated {ANNOTATED_START_S}..{ANNOTATED_END_S} s"
+    if not window_s[0] <= timestamp <= window_s[1]:
+        return f"timestamp {timestamp} outside AVA's annotated {window_s[0]}..{window_s[1]} s"
     x1, y1, x2, y2 = box
     if not (0 <= x1 <= x2 <= 1 and 0 <= y1 <= y2 <= 1):
         return f"box {box} is not normalised x1<=x2, y1<=y2 in [0, 1]"
     if action_id not in actions:
         return f"unknown action_id {action_id} (not in the action list)"
     return video_id, timestamp, box, action_id, person_id
+
+
+def _window(window_s) -> tuple[int, int]:
+    """(start, end) whole seconds of the annotated window; anything else is a SourceError."""
+    try:
+        start, end = window_s
+    except (TypeError, ValueError):
+        raise SourceError(f"AVA option window_s must be [start, end] seconds, got {window_s!r}") from None
+    if not (float(start).is_integer() and float(end).is_integer() and 0 <= start < end):
+        raise SourceError(f"AVA option window_s must be whole seconds 0 <= start < end, got {window_s!r}")
+    return int(start), int(end)
 
 
 def ava(
@@ -132,9 +146,11 @@ def ava(
     chunk_s: float = 60.0,
     context_s: float = 1.5,
     action_list: str = ACTION_LIST_FILE,
+    window_s: tuple[int, int] = (ANNOTATED_START_S, ANNOTATED_END_S),
 ) -> tuple[list[VideoRecord], list[Rejected]]:
-    """One record per (video, annotated chunk): AVA's window 900..1800 s is cut into chunks of `chunk_s`
-    seconds (900 gives one record per movie); chunks without any annotated keyframe make no record.
+    """One record per (video, annotated chunk): AVA's window 900..1800 s (`window_s`: whole movie seconds
+    [start, end]) is cut into chunks of `chunk_s` seconds (900 gives one record per movie); chunks without
+    any annotated keyframe make no record; keyframes outside the window are rejected.
     A record's time range is its chunk widened by `context_s` on both sides, so that a clip centred on
     a keyframe near a chunk edge (e.g. 64 frames at 30 fps: +-1.07 s) still lies inside the sample.
 
@@ -152,6 +168,7 @@ def ava(
     """
     if not chunk_s > 0 or not context_s >= 0:
         raise SourceError(f"AVA options: chunk_s must be > 0 and context_s >= 0 (got {chunk_s}, {context_s})")
+    window_start, window_end = _window(window_s)
     folder = annotations if is_folder(annotations) else parent(annotations)
     actions = read_action_list(folder, action_list)
     present = {split: storage.join(folder, name) for split, name in CSV_FILES.items()
@@ -160,7 +177,7 @@ def ava(
         raise SourceError(f"no AVA annotation CSV in {folder}: expected {' and/or '.join(CSV_FILES.values())}")
     if root is None:
         root = folder
-    last_chunk = int((ANNOTATED_END_S - ANNOTATED_START_S - 1e-9) // chunk_s)
+    last_chunk = int((window_end - window_start - 1e-9) // chunk_s)
 
     rejected: list[Rejected] = []
     # (split, video_id) -> chunk -> timestamp -> (person_id, box) -> action ids
@@ -170,12 +187,12 @@ def ava(
         for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
             if not row or not "".join(row).strip():
                 continue
-            parsed = _row(row, actions)
+            parsed = _row(row, actions, (window_start, window_end))
             if isinstance(parsed, str):
                 rejected.append(Rejected(f"{uri}:{line}", parsed))
                 continue
             video_id, timestamp, box, action_id, person_id = parsed
-            chunk = min(int((timestamp - ANNOTATED_START_S) // chunk_s), last_chunk)
+            chunk = min(int((timestamp - window_start) // chunk_s), last_chunk)
             boxes = videos.setdefault((split, video_id), {}).setdefault(chunk, {}).setdefault(timestamp, {})
             boxes.setdefault((person_id, tuple(box)), set()).add(action_id)
 
@@ -191,8 +208,8 @@ def ava(
         rel = min(found, key=lambda r: (r.count("/"), r))
         stem, ext = PurePosixPath(rel).with_suffix("").as_posix(), PurePosixPath(rel).suffix
         for chunk, keyframes in sorted(chunks.items()):
-            chunk_start = ANNOTATED_START_S + chunk * chunk_s
-            chunk_end = min(chunk_start + chunk_s, ANNOTATED_END_S)
+            chunk_start = window_start + chunk * chunk_s
+            chunk_end = min(chunk_start + chunk_s, window_end)
             start_s, end_s = max(0.0, chunk_start - context_s), float(chunk_end + context_s)
             extra_keyframes, present_actions = [], set()
             for timestamp, boxes in sorted(keyframes.items()):
@@ -211,8 +228,8 @@ def ava(
                 split=split,
                 start_s=float(start_s),
                 end_s=end_s,
-                # The movie is at least ANNOTATED_END_S long: this overestimates the chunk's share at most.
-                size=max(1, round(files[rel] * (end_s - start_s) / ANNOTATED_END_S)),
+                # The movie is at least window_end long: this overestimates the chunk's share at most.
+                size=max(1, round(files[rel] * (end_s - start_s) / window_end)),
                 labels=tuple(sorted(actions[a] for a in present_actions)),
                 extra={"video_id": video_id, "keyframes": extra_keyframes},
             ))

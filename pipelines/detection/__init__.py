@@ -1,0 +1,1 @@
+"""Spatio-temporal action detection (AVA): the official frame-mAP evaluator and its prediction files."""
