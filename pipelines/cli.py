@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.commands import convert, flops, jobs, predict, shards, submit, workflow
+from pipelines.commands import convert, evaluate_ava, flops, jobs, predict, shards, submit, workflow
 from pipelines.config import ConfigError, load_config, print_effective, split_config_args
 from pipelines.stages import STAGES, Stage
 
@@ -74,7 +74,7 @@ def _demo(ns) -> int:
 
 
 # Subcommands that live in their own modules: each has add_parser(subparsers) setting `func`.
-COMMAND_MODULES = (flops, convert, shards, submit, jobs, workflow, predict)
+COMMAND_MODULES = (flops, convert, shards, submit, jobs, workflow, predict, evaluate_ava)
 
 
 def build_parser() -> argparse.ArgumentParser:

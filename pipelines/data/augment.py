@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import one_hot
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ from torchvision.transforms.v2 import functional as F
 
 from pipelines.data.video import clip_indices, clip_starts
 
-
 # ------------------------------------------------------------------------------------------ Temporal sampling
 
 def segment_indices(num_frames_in_video: int, num_segments: int, offsets) -> np.ndarray:

@@ -208,8 +208,8 @@ def test_train_augment_recipes_output_normalised_crops():
                             rand_augment=False, erase_prob=0.0)
     x = no_aug(clip, _gen(12))  # resize to exactly 40 on the short side, crop, normalise: nothing else
     resized = F.resize(clip, [40], antialias=True).float().div(255).sub(0.45).div(0.225)
-    assert any(torch.allclose(resized[..., t:t + 32, l:l + 32], x)
-               for t in range(resized.shape[-2] - 31) for l in range(resized.shape[-1] - 31))
+    assert any(torch.allclose(resized[..., t:t + 32, left:left + 32], x)
+               for t in range(resized.shape[-2] - 31) for left in range(resized.shape[-1] - 31))
     with pytest.raises(ValueError):
         A.TrainAugment(crop="center")
 

@@ -17,6 +17,7 @@ from pipelines.commands import evaluate_ava
 from pipelines.detection import ava_eval
 from pipelines.detection.ava_eval import AvaFormatError, DetectionRow
 
+
 def make_labelmap(*names: str) -> str:
     """An ActivityNet-style label map: `item { name: ".." id: N }` blocks, ids 1, 2, ... in order."""
     return "".join(f'item {{\n  name: "{name}"\n  id: {i}\n}}\n' for i, name in enumerate(names, start=1))
