@@ -8,6 +8,7 @@ every stage uses to print and log the effective config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,16 +39,21 @@ def _valid_keys(cls: type) -> str:
 
 def _explain(exc: OmegaConfBaseException, cls: type, origin: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
+    where = f"{origin}: " if origin else ""
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         parent = getattr(exc, "object_type", None) or cls
-        valid = _valid_keys(parent) if dataclasses.is_dataclass(parent) else "see --help"
-        return ConfigError(f"{origin}: unknown config key '{key}'. Valid keys here: {valid}")
+        if not dataclasses.is_dataclass(parent):
+            return ConfigError(f"{where}unknown config key '{key}' (see --help)")
+        names = [f.name for f in dataclasses.fields(parent)]
+        close = difflib.get_close_matches(str(key).rsplit(".", 1)[-1], names, n=1)
+        hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in str(key) else ''}{close[0]}'?" if close else ""
+        return ConfigError(f"{where}unknown config key '{key}'.{hint} Valid keys here: {', '.join(names)}")
     if isinstance(exc, MissingMandatoryValue):
-        return ConfigError(f"{origin}: config key '{key}' is required; set it in the YAML or pass {key}=...")
+        return ConfigError(f"{where}config key '{key}' is required; set it in the YAML or pass {key}=...")
     if isinstance(exc, ValidationError):
         first_line = str(exc).splitlines()[0]
-        return ConfigError(f"{origin}: config key '{key}' has the wrong type: {first_line}")
-    return ConfigError(f"{origin}: invalid config at '{key}': {str(exc).splitlines()[0]}")
+        return ConfigError(f"{where}config key '{key}' has the wrong type: {first_line}")
+    return ConfigError(f"{where}invalid config at '{key}': {str(exc).splitlines()[0]}")
 
 
 def read_yaml_file(path: Path, what: str = "config file") -> Any:
@@ -88,7 +94,7 @@ def load_config(
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, cls, "override" if overrides else str(path)) from None
+        raise _explain(exc, cls, "override" if overrides else (str(path) if path is not None else "")) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

@@ -24,12 +24,14 @@ from typing import Protocol
 from pipelines.config import flatten, to_yaml
 from pipelines.data import storage
 
-DEFAULT_LOCAL_URI = "sqlite:///mlflow.db"
+# With no tracking URI configured or exported, runs go to a SQLite store under the directory the command
+# runs in, made absolute on the driver (Ray workers run elsewhere) so that every stage and rank agrees.
+LOCAL_STORE_DIR = Path(".state") / "mlflow"
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else a local ./mlflow.db store
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else the local store ./.state/mlflow/mlflow.db
     experiment: str = "mvit"
     artifact_location: str = ""  # for a new experiment only ("" = the server's default)
 
@@ -38,8 +40,20 @@ class TrackingError(RuntimeError):
     pass
 
 
+def default_local_uri() -> str:
+    """The local store used when nothing is configured: `sqlite:////<cwd>/.state/mlflow/mlflow.db`."""
+    return f"sqlite:///{(LOCAL_STORE_DIR / 'mlflow.db').absolute()}"
+
+
 def resolve_uri(configured: str) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_LOCAL_URI
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_local_uri()
+
+
+def _local_store_dir(uri: str) -> Path | None:
+    """The folder of a SQLite store (`sqlite:////abs/dir/mlflow.db` -> /abs/dir), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent
+    return None
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -64,6 +78,9 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 def client(uri: str):
     import mlflow
 
+    store = _local_store_dir(uri)
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
     return mlflow.MlflowClient(uri)
 
 
@@ -83,7 +100,12 @@ def ensure_experiment(mlflow_client, mlflow_cfg) -> str:
     found = mlflow_client.get_experiment_by_name(mlflow_cfg.experiment)
     if found is not None:
         return found.experiment_id
-    return mlflow_client.create_experiment(mlflow_cfg.experiment, artifact_location=mlflow_cfg.artifact_location or None)
+    location = mlflow_cfg.artifact_location or None
+    store = _local_store_dir(mlflow_client.tracking_uri)
+    if location is None and store is not None:
+        # next to the SQLite file (MLflow's default, ./mlruns, would land wherever the command runs)
+        location = (store / "artifacts").as_uri()
+    return mlflow_client.create_experiment(mlflow_cfg.experiment, artifact_location=location)
 
 
 def open_run(cfg, manifest, run_dir: str) -> str:

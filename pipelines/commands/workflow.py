@@ -2,7 +2,8 @@
 
 `run` materializes what is not up to date (pipelines/workflow/runner.py says what "up to date" means)
 in-process against a persistent Dagster instance (DAGSTER_HOME = workflow.dagster_home, default
-<workflow.state_dir>/dagster) and ends with one JSON line. `status` prints each asset's stale status.
+<workflow.state_dir>/dagster) and ends with one JSON line. `status` prints, per asset, whether the same
+`run` would materialize it and why (with the same overrides, --only and --force).
 """
 
 from __future__ import annotations
@@ -31,16 +32,10 @@ def run(ns: argparse.Namespace) -> int:
             print_effective(stage, getattr(cfg, stage))
         return 0
     if ns.action == "status":
-        defs = runner.build_definitions(cfg)
-        with runner.open_instance(cfg.settings) as instance:
-            if cfg.settings.source:
-                runner.observe_source(instance, defs)
-            for key in runner.ASSET_ORDER:
-                if key == "raw_videos" and cfg.settings.source:
-                    print(f"{key:<17} observable source ({cfg.settings.source})")
-                    continue
-                status, reasons = runner.stale_status(instance, defs, key)
-                print(f"{key:<17} {status:<8} {'; '.join(reasons)}".rstrip())
+        if cfg.settings.source:
+            print(f"{'raw_videos':<17} observable source ({cfg.settings.source})")
+        for key, why in runner.predict_run(cfg, only=ns.only, force=ns.force).items():
+            print(f"{key:<17} {'WILL RUN' if why else 'up to date':<10} {why or ''}".rstrip())
         print(f"# UI: {runner.dagster_dev_hint(cfg.settings, path, overrides)}")
         return 0
     try:

@@ -128,6 +128,11 @@ def read_manifest(prefix: str) -> Manifest:
     except Exception as exc:  # noqa: BLE001 - turn any storage failure into an actionable message
         raise DatasetError(f"cannot read {uri}: {exc}") from None
     if not present:
+        if not _prefix_exists(prefix):
+            raise DatasetError(
+                f"dataset {prefix} does not exist: check the path (or bucket and prefix), or create it with "
+                f"`mvit preprocess ... output={prefix}`"
+            )
         raise DatasetError(
             f"{prefix} has no {MANIFEST}: it is not a preprocessed dataset, or its preprocessing did not "
             "finish (rerun `mvit preprocess` with the same output to resume it)"
@@ -136,6 +141,17 @@ def read_manifest(prefix: str) -> Manifest:
     if manifest.format_version > FORMAT_VERSION:
         raise DatasetError(f"{uri} has format_version {manifest.format_version}; this code reads <= {FORMAT_VERSION}")
     return manifest
+
+
+def _prefix_exists(prefix: str) -> bool:
+    """Whether anything is stored under `prefix` (a local folder, or an S3 bucket holding keys under it)."""
+    if not storage.is_s3(prefix):
+        return storage.local_path(prefix).exists()
+    try:
+        storage.check_reachable(prefix)
+        return next(iter(storage.list_files(prefix)), None) is not None
+    except storage.StorageError:
+        return False
 
 
 def sample_metadata(sample: dict) -> dict:

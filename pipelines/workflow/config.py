@@ -48,7 +48,9 @@ class WorkflowSettings:
     # the synthetic motion set generated when `source` is empty; smaller than the demo's by default
     synthetic: SyntheticSpec = field(default_factory=lambda: SyntheticSpec(videos_per_class=20, size=48))
     raw_dir: str = ""  # where the synthetic set is written (local or s3://); "" = <state_dir>/raw
-    dataset: str = ""  # preprocessed dataset prefix (preprocess.output); "" = <state_dir>/dataset
+    # preprocessed dataset prefix (preprocess.output); "" = <state_dir>/datasets/<hash of the raw set and the
+    # preprocess config>, so a changed preprocess key writes a new dataset beside the old one
+    dataset: str = ""
     storage_path: str = ""  # checkpoints (train.storage_path); "" = <state_dir>/runs
     ray_address: str = ""  # "" = every stage in this process (embedded Ray); http://HEAD:8265 = each as a Ray job
     working_dir: str = "."  # uploaded with each Ray job (cluster mode only)
@@ -65,8 +67,13 @@ class WorkflowSettings:
     def resolved_raw_dir(self) -> str:
         return self._under_state(self.raw_dir, "raw")
 
-    def resolved_dataset(self) -> str:
-        return self._under_state(self.dataset, "dataset")
+    def resolved_dataset(self, preprocess: PreprocessConfig) -> str:
+        if self.dataset:
+            return self.dataset
+        identity = {"preprocess": stage_hash("preprocess", preprocess), "source": self.source_uri(),
+                    "synthetic": None if self.source else dataclasses.asdict(self.synthetic)}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return self._under_state("", f"datasets/{digest}")
 
     def resolved_storage_path(self) -> str:
         return self._under_state(self.storage_path, "runs")
@@ -129,15 +136,21 @@ def load_workflow_config(path: str | Path | None = None, overrides: list[str] | 
     origin = str(path) if path else "overrides"
     # An empty section object keeps load_config on the section path even for a file with no sections.
     settings = load_config(WorkflowSettings, path, by_section["workflow"], section="workflow")
-    wired = {
-        "preprocess": {"source": settings.source_uri(), "output": settings.resolved_dataset()},
-        "train": {"dataset": settings.resolved_dataset(), "storage_path": settings.resolved_storage_path()},
-        "evaluate": {"dataset": settings.resolved_dataset(), "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
-        "register": {"dataset": settings.resolved_dataset(), "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
-    }
     stages = {}
     for stage in STAGES.values():
         _refuse_wired(stage.name, sections.get(stage.name) or {}, by_section[stage.name], origin)
+    # preprocess first: where the dataset goes depends on its config (WorkflowSettings.resolved_dataset)
+    preprocess = load_config(PreprocessConfig, path, [*by_section["preprocess"],
+                             f"source={json.dumps(settings.source_uri())}", f"output={json.dumps('-')}"],
+                             section="preprocess")
+    dataset = settings.resolved_dataset(preprocess)
+    wired = {
+        "preprocess": {"source": settings.source_uri(), "output": dataset},
+        "train": {"dataset": dataset, "storage_path": settings.resolved_storage_path()},
+        "evaluate": {"dataset": dataset, "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
+        "register": {"dataset": dataset, "checkpoint": FROM_UPSTREAM, "mlflow_run_id": FROM_UPSTREAM},
+    }
+    for stage in STAGES.values():
         fill = [f"{key}={json.dumps(value)}" for key, value in wired[stage.name].items()]
         stages[stage.name] = load_config(stage.config, path, [*by_section[stage.name], *fill], section=stage.name)
     return WorkflowConfig(settings=settings, **stages)

@@ -126,6 +126,46 @@ def _failure(result) -> str:
     return "see the Dagster run's event log"
 
 
+def reason_to_materialize(instance: dg.DagsterInstance, defs: dg.Definitions, key: str, force: bool) -> str | None:
+    """Why `run` materializes `key` now (None: it is skipped). Decided after its upstream assets ran."""
+    if force:
+        return "--force"
+    status, reasons = stale_status(instance, defs, key)
+    if status == "MISSING":
+        return "never materialized"
+    if status == "STALE":
+        return "; ".join(reasons) or "stale"
+    return missing_output(instance, key)
+
+
+def predict_run(cfg: WorkflowConfig, only: list[str] | None = None, force: bool = False) -> dict[str, str | None]:
+    """What `mvit workflow run` with the same arguments would do, without running anything: asset -> the
+    reason it would be materialized, or None if it would be skipped (`mvit workflow status`).
+
+    `run` decides each asset after its upstream assets ran; here an asset whose upstream would be
+    rematerialized is predicted to run too, because its input's data version changes (a new manifest
+    digest, a new checkpoint). (A rematerialization that reproduces the same data version, e.g. a resumed
+    preprocessing, leaves `run` skipping what this predicts: the prediction errs on the side of work.)"""
+    defs = build_definitions(cfg)
+    graph = defs.resolve_asset_graph()
+    selected = asset_names(only)
+    observable = bool(cfg.settings.source)
+    plan: dict[str, str | None] = {}
+    with open_instance(cfg.settings) as instance:
+        if observable:
+            observe_source(instance, defs)
+        for key in ASSET_ORDER:
+            if key not in selected or (key == "raw_videos" and observable):
+                continue
+            rerun_upstream = sorted(k.to_user_string() for k in graph.get(dg.AssetKey(key)).parent_keys
+                                    if plan.get(k.to_user_string()))
+            if rerun_upstream:
+                plan[key] = f"upstream {', '.join(rerun_upstream)} will be rematerialized"
+            else:
+                plan[key] = reason_to_materialize(instance, defs, key, force)
+    return plan
+
+
 def run_workflow(cfg: WorkflowConfig, only: list[str] | None = None, force: bool = False,
                  config_path: str | None = None) -> dict:
     with open_instance(cfg.settings) as instance:
@@ -152,13 +192,7 @@ def _run(instance: dg.DagsterInstance, cfg: WorkflowConfig, only: list[str] | No
             if not produced_here and instance.get_latest_materialization_event(dg.AssetKey(upstream)) is None:
                 raise WorkflowError(f"{key} needs {upstream}, which has never been materialized in "
                                     f"{summary['dagster_home']}: run the workflow without --only first")
-        status, reasons = stale_status(instance, defs, key)
-        if force:
-            why = "--force"
-        elif status in ("MISSING", "STALE"):
-            why = "never materialized" if status == "MISSING" else "; ".join(reasons) or "stale"
-        else:
-            why = missing_output(instance, key)
+        why = reason_to_materialize(instance, defs, key, force)
         if why is None:
             summary["skipped"][key] = "up to date: same config hash and input data versions, output present"
             print(f"[workflow] {key}: up to date, skipped", flush=True)
