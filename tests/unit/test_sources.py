@@ -367,6 +367,28 @@ def test_bad_sources_fail_with_a_clear_error(tmp_path):
         load_records(str(tmp_path / "notes.txt"), "imagefolder")
 
 
+# --- where the files lie ----------------------------------------------------------------------------
+
+
+def test_every_adapter_names_the_file_by_its_path_under_the_root(tmp_path):
+    csv_path = kinetics_layout(tmp_path / "k")
+    ssv2_labels, ssv2_videos = ssv2_layout(tmp_path / "s")
+    ava_annotations, ava_videos = ava_layout(tmp_path / "a")
+    touch(tmp_path / "f", "cat/a b.mp4")
+    (tmp_path / "f" / "labels.csv").write_text("path,label\ncat/a b.mp4,cat\n")
+    touch(tmp_path / "i", "train/n01/x.JPEG")
+    sources = [
+        (kinetics_csv(str(csv_path), str(tmp_path / "k" / "k400")), tmp_path / "k" / "k400"),
+        (ssv2_json(str(ssv2_labels), str(ssv2_videos)), ssv2_videos),
+        (ava(str(ava_annotations), str(ava_videos)), ava_videos),
+        (load_records(str(tmp_path / "f"), "folder"), tmp_path / "f"),
+        (load_records(str(tmp_path / "f" / "labels.csv"), "csv"), tmp_path / "f"),
+        (image_folder(str(tmp_path / "i")), tmp_path / "i"),
+    ]
+    for (records, _), root in sources:
+        assert records and all(r.path == Path(r.source).relative_to(root).as_posix() for r in records), root
+
+
 # --- s3:// -------------------------------------------------------------------------------------------
 
 

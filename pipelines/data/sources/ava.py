@@ -215,5 +215,6 @@ def ava(
                 size=max(1, round(files[rel] * (end_s - start_s) / ANNOTATED_END_S)),
                 labels=tuple(sorted(actions[a] for a in present_actions)),
                 extra={"video_id": video_id, "keyframes": extra_keyframes},
+                path=rel,
             ))
     return records, rejected

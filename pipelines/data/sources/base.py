@@ -38,6 +38,9 @@ class VideoRecord:
     - `media`: "video" or "image" (ImageNet-style folders).
     - `extra`: adapter-specific annotations, JSON-safe (str keys, lists, numbers), e.g. AVA keyframes.
       It is left out of the hash (a dict is not hashable) but not out of equality.
+    - `path`: the file's path under the source root ("/"-separated): its name inside the dataset, where
+      `source` is where it is read from on this machine. Adapters always set it; a record made without
+      it falls back to `source` (see `dataset_path`).
     """
 
     key: str
@@ -50,6 +53,7 @@ class VideoRecord:
     labels: tuple[str, ...] = ()
     media: str = "video"
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    path: str = ""
 
     def __post_init__(self) -> None:
         # Records also come back from JSON (lists, not tuples): normalise so equality holds after a round trip.
@@ -82,6 +86,11 @@ def hashed_split(key: str, val_fraction: float) -> str:
     """Deterministic split for sources that carry none: stable across runs and machines."""
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if bucket < val_fraction else "train"
+
+
+def dataset_path(record: VideoRecord) -> str:
+    """The record's file as named inside the dataset (see `VideoRecord.path`)."""
+    return record.path or record.source
 
 
 def files_under(root: str) -> dict[str, int]:

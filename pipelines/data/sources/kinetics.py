@@ -94,13 +94,13 @@ def kinetics_csv(csv_uri: str, root: str | None = None) -> tuple[list[VideoRecor
             full = [rel for ext in VIDEO_EXTENSIONS for rel in names.get(youtube_id + ext, [])]
             if trimmed:
                 rel = _pick(trimmed, split)
-                records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel]))
+                records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel], path=rel))
             elif full:
                 rel = _pick(full, split)
                 # The key names the segment, so two rows cutting one full video stay two samples.
                 key = sample_key(f"{PurePosixPath(rel).with_suffix('')}_{start:06d}_{end:06d}{PurePosixPath(rel).suffix}")
                 records.append(VideoRecord(key, storage.join(root, rel), label, split, start_s=float(start),
-                                           end_s=float(end), size=files[rel]))
+                                           end_s=float(end), size=files[rel], path=rel))
             else:
                 rejected.append(Rejected(storage.join(root, clip + ".mp4"),
                                          f"missing file ({where}): no {clip}.<ext> or {youtube_id}.<ext> under {root}"))

@@ -84,5 +84,6 @@ def ssv2_json(source: str, root: str | None = None) -> tuple[list[VideoRecord], 
             placeholders = entry.get("placeholders")
             placeholders = [str(p) for p in placeholders] if isinstance(placeholders, list) else []
             extra = {"caption": str(entry.get("label", "")), "placeholders": placeholders}
-            records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel], extra=extra))
+            records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel],
+                                       extra=extra, path=rel))
     return records, rejected
