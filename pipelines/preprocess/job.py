@@ -39,7 +39,8 @@ from pipelines.data.shards import (
     Manifest,
     ShardInfo,
 )
-from pipelines.data.sources import Rejected, VideoRecord, detect_format, hashed_split, load_records
+from pipelines.data.sources import Rejected, VideoRecord, detect_format, load_records
+from pipelines.data.splits import assign_splits
 from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig, ensure_ray
 
@@ -75,7 +76,7 @@ class PreprocessConfig:
     # rows with other labels are quarantined. "" = every label found, ids in sorted order.
     min_frames: int = 1  # fewer decoded frames than this -> quarantined
     max_frames: int = 0  # keep at most this many frames per video (0: all)
-    val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
+    val_fraction: float = 0.0  # for sources without a split column: share of val, per class (pipelines/data/splits.py)
     target_shard_bytes: int = 1_000_000_000
     # Inputs with a time range (AVA chunks, trimmed clips) in files at least this big are read by seeking
     # (ranged reads of the index and the range) instead of downloaded whole: a 2 GB movie cut into
@@ -417,9 +418,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
             rejected.append(Rejected(record.source, f"duplicate id (key {record.key} already used)"))
         else:
             unique[record.key] = record
-    records = [
-        dataclasses.replace(r, split=r.split or hashed_split(r.key, cfg.val_fraction)) for r in unique.values()
-    ]
+    records = list(unique.values())
     if cfg.labels_file:
         label_map = read_label_file(cfg.labels_file)
         known = [r for r in records if all(name in label_map for name in r.labels)]
@@ -431,6 +430,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
         records = known
     else:
         label_map = {name: i for i, name in enumerate(sorted({n for r in records for n in r.labels}))}
+    records = assign_splits(records, cfg.val_fraction)
     fingerprint = _fingerprint(records, label_map, cfg)
 
     manifest_uri = storage.join(cfg.output, MANIFEST)

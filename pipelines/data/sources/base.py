@@ -82,12 +82,6 @@ def sample_key(relative_path: str) -> str:
     return f"{clean}-{digest}"
 
 
-def hashed_split(key: str, val_fraction: float) -> str:
-    """Deterministic split for sources that carry none: stable across runs and machines."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if bucket < val_fraction else "train"
-
-
 def dataset_path(record: VideoRecord) -> str:
     """The record's file as named inside the dataset (see `VideoRecord.path`)."""
     return record.path or record.source
