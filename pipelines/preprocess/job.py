@@ -39,7 +39,8 @@ from pipelines.data.shards import (
     Manifest,
     ShardInfo,
 )
-from pipelines.data.sources import Rejected, VideoRecord, detect_format, load_records
+from pipelines.data.identity import LOCATION_FIELDS, record_identity, shard_order
+from pipelines.data.sources import Rejected, VideoRecord, dataset_path, detect_format, load_records
 from pipelines.data.splits import assign_splits
 from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig, ensure_ray
@@ -100,9 +101,9 @@ class PreprocessConfig:
             raise ValueError(f"config key 'codec' must be one of {CODECS}, got {self.codec!r}")
 
     def output_affecting(self) -> dict[str, Any]:
-        """The fields that change what gets written (workers and Ray address do not)."""
+        """The fields that change what gets written (workers, Ray address and where inputs lie do not)."""
         data = dataclasses.asdict(self)
-        for name in ("num_workers", "cpus_per_task", "ray", "output", "stream_min_bytes"):
+        for name in ("num_workers", "cpus_per_task", "ray", "output", "stream_min_bytes", *LOCATION_FIELDS):
             data.pop(name)
         return data
 
@@ -122,7 +123,7 @@ class Part:
 def _fingerprint(records: list[VideoRecord], label_map: dict[str, int], cfg: PreprocessConfig) -> str:
     """What the output is a function of: the records (in any order), the label ids, the config."""
     payload = json.dumps(
-        {"records": [dataclasses.asdict(r) for r in sorted(records, key=lambda r: r.key)],
+        {"records": [record_identity(r) for r in sorted(records, key=lambda r: r.key)],
          "label_map": label_map, "config": cfg.output_affecting()},
         sort_keys=True,
     )
@@ -153,21 +154,14 @@ def read_label_file(uri: str) -> dict[str, int]:
     return label_map
 
 
-def _mix_order(record: VideoRecord) -> tuple[str, float, str]:
-    # Annotation files are usually grouped by label; ordering by a hash of the source instead spreads
-    # every label over every shard, so a shard-level shuffle buffer already sees mixed labels. Records
-    # cut from one file (AVA chunks) stay next to each other, so a task reads that file once.
-    return hashlib.sha1(record.source.encode()).hexdigest(), record.start_s or 0.0, record.key
-
-
 def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
-    """Cut each split's records (in hash-of-key order) into parts of <= target_shard_bytes of source and
+    """Cut each split's records (in `shard_order`) into parts of <= target_shard_bytes of source and
     <= max_samples_per_shard samples."""
     parts: list[Part] = []
     for split in sorted({r.split for r in records}):
         current: list[VideoRecord] = []
         used = 0
-        for record in sorted((r for r in records if r.split == split), key=_mix_order):
+        for record in sorted((r for r in records if r.split == split), key=shard_order):
             full_by_count = cfg.max_samples_per_shard and len(current) >= cfg.max_samples_per_shard
             if current and (full_by_count or used + record.size > cfg.target_shard_bytes):
                 parts.append(Part(f"{split}-{len(parts):05d}", split, current))
@@ -277,7 +271,7 @@ def process_part(
                 quarantine.append({"source": record.source, "key": record.key, "reason": UNEXPECTED,
                                    "detail": f"{type(exc).__name__}: {exc}"})
                 continue
-            meta = {"source": record.source, "label": record.label, "labels": list(record.labels),
+            meta = {"source": dataset_path(record), "label": record.label, "labels": list(record.labels),
                     "split": record.split, "media": record.media, "start_s": record.start_s,
                     "end_s": record.end_s, **video_meta}
             if record.extra:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from pipelines.data import video
 from pipelines.data.video import transcode
@@ -75,3 +74,88 @@ def test_h264_bytes_do_not_depend_on_the_cpu(monkeypatch):
     pinned = digests(corpus)
     monkeypatch.setattr(video, "x264_params", lambda: "asm=0")
     assert digests(corpus) == pinned
+
+
+# --- the job's planning and part work, without Ray ------------------------------------------------
+
+
+CORPUS_LAYOUT = {"first": ["plain.mp4", "small_96x64.mp4", "vfr.mp4"],
+                 "second": ["odd_33x17.mp4", "tiny_32x24.mp4", "wide_640x16.mp4"]}
+
+
+def write_corpus(root: Path) -> Path:
+    """Two classes of three odd videos in class folders (the `folder` source format)."""
+    corpus = {**odd_corpus(), "plain.mp4": media.good(frames=8, seed=9)}
+    for label, names in CORPUS_LAYOUT.items():
+        for name in names:
+            media.write(root / label / name, corpus[name])
+    return root
+
+
+def preprocess_without_ray(source: Path, out: Path, tries: int = 1) -> list[dict]:
+    """What `run` does between listing and committing, part by part in this process: records -> label ids
+    -> stratified splits -> fingerprint -> parts -> shards. One result per try, each into its own output."""
+    from pipelines.config import load_config
+    from pipelines.data.sources import load_records
+    from pipelines.data.splits import assign_splits
+    from pipelines.preprocess.job import (
+        PreprocessConfig,
+        _fingerprint,
+        plan_parts,
+        process_part,
+    )
+
+    results = []
+    for attempt in range(tries):
+        cfg = load_config(PreprocessConfig, None, [
+            f"source={source}", f"output={out / str(attempt)}", "short_side=24", "fps=30", "val_fraction=0.34",
+            "max_samples_per_shard=2", "cpus_per_task=2"])
+        records, rejected = load_records(cfg.source, cfg.source_format)
+        assert not rejected
+        label_map = {name: i for i, name in enumerate(sorted({n for r in records for n in r.labels}))}
+        records = assign_splits(records, cfg.val_fraction)
+        fingerprint = _fingerprint(records, label_map, cfg)
+        parts = plan_parts(records, cfg)
+        results.append({"fingerprint": fingerprint,
+                        "parts": [(p.part_id, [r.key for r in p.records]) for p in parts],
+                        "results": [process_part(p, label_map, cfg, fingerprint) for p in parts]})
+    return results
+
+
+def comparable(result: dict) -> dict:
+    """Everything a part writes that must not depend on where the inputs lay or which try it was."""
+    parts = result["results"]
+    return {"fingerprint": result["fingerprint"], "parts": result["parts"],
+            "shards": [s for r in parts for s in r["shards"]], "index": [e for r in parts for e in r["index"]],
+            "quarantine": [q for r in parts for q in r["quarantine"]]}
+
+
+def sample_sources(out: Path) -> set[str]:
+    import webdataset as wds
+
+    return {json.loads(sample["json"])["source"]
+            for shard in sorted((out / "shards").glob("*.tar"))
+            for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)}
+
+
+def test_the_same_raw_set_in_two_folders_gives_the_same_shards_keys_and_splits(tmp_path):
+    near = write_corpus(tmp_path / "raw")
+    far = tmp_path / "elsewhere" / "much" / "deeper" / "copy"
+    shutil.copytree(near, far)  # the same bytes (the test videos themselves are encoded without the pin)
+    [here] = preprocess_without_ray(near, tmp_path / "out-near")
+    [there] = preprocess_without_ray(far, tmp_path / "out-far")
+    assert comparable(here) == comparable(there)
+    index = comparable(here)["index"]
+    assert not comparable(here)["quarantine"]
+    # one of each class's three videos validates (0.34 * 3 rounds to 1)
+    assert sorted((e["labels"][0], e["split"]) for e in index) == sorted(
+        (label, split) for label in CORPUS_LAYOUT for split in ("train", "train", "val"))
+    # samples name their file inside the dataset, not on this machine
+    assert sample_sources(tmp_path / "out-near" / "0") == sample_sources(tmp_path / "out-far" / "0") == {
+        f"{label}/{name}" for label, names in CORPUS_LAYOUT.items() for name in names}
+
+
+def test_one_corpus_preprocessed_five_times_gives_the_same_bytes(tmp_path):
+    results = [comparable(r) for r in preprocess_without_ray(write_corpus(tmp_path / "raw"), tmp_path / "out", tries=5)]
+    assert all(r == results[0] for r in results[1:])
+    assert sum(s["num_samples"] for s in results[0]["shards"]) == 6 and not results[0]["quarantine"]

@@ -38,9 +38,10 @@ class VideoRecord:
     - `media`: "video" or "image" (ImageNet-style folders).
     - `extra`: adapter-specific annotations, JSON-safe (str keys, lists, numbers), e.g. AVA keyframes.
       It is left out of the hash (a dict is not hashable) but not out of equality.
-    - `path`: the file's path under the source root ("/"-separated): its name inside the dataset, where
-      `source` is where it is read from on this machine. Adapters always set it; a record made without
-      it falls back to `source` (see `dataset_path`).
+    - `path`: the file's path under the source root ("/"-separated). `source` says where to read the
+      file and nothing else: what is written (the sample's `source` field, shard order, the split) is
+      derived from `path` and `key`, so a dataset does not change when its raw files move. Adapters
+      always set it; a record made without it falls back to `source` (see `dataset_path`).
     """
 
     key: str
@@ -72,14 +73,26 @@ class Rejected:
     reason: str
 
 
-def sample_key(relative_path: str) -> str:
-    """A WebDataset-safe key from a file name: [A-Za-z0-9_-] only (no dots: WebDataset splits the key
-    from the extension at the first dot), plus a short hash of the full path so that names that
-    sanitise to the same string (or duplicate ids in different folders) stay distinct."""
-    stem = PurePosixPath(relative_path).with_suffix("").as_posix()
-    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-80:] or "video"
-    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
+def _safe_key(readable: str, identity: str) -> str:
+    """A WebDataset-safe key: [A-Za-z0-9_-] only (no dots: WebDataset splits the key from the extension
+    at the first dot), plus a short hash of the full identity so that identities that sanitise to the
+    same string stay distinct."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", readable).strip("_")[-80:] or "video"
+    digest = hashlib.sha1(identity.encode("utf-8")).hexdigest()[:8]
     return f"{clean}-{digest}"
+
+
+def sample_key(relative_path: str) -> str:
+    """The key of a video known by its path under the source root (folder and path,label CSV sources):
+    the path without its extension, made safe, plus a hash of the whole path (duplicate names in
+    different folders stay distinct)."""
+    return _safe_key(PurePosixPath(relative_path).with_suffix("").as_posix(), relative_path)
+
+
+def annotation_key(identity: str) -> str:
+    """The key of a sample known by its annotation's own id (Kinetics youtube_id + times, SSv2 id, AVA
+    video_id + time range): the same whatever folder layout the videos were downloaded into."""
+    return _safe_key(identity, identity)
 
 
 def dataset_path(record: VideoRecord) -> str:
