@@ -88,12 +88,20 @@ def client(uri: str):
 def fluent(uri: str) -> Iterator[None]:
     """MLflow's fluent API (which reads only the process-wide tracking URI) pointed at `uri` for the
     duration of the block, then back to what it was."""
-    # MLflow's own scoped setter (not exported; pinned in constraints.txt): it restores the previous
-    # value even when that was "unset", which the public get/set pair cannot express.
+    # MLflow's own scoped setter (not exported; pinned in constraints.txt) restores the previous value even
+    # when that was "unset", which the public get/set pair cannot express. Its setter also writes (and on
+    # restore deletes) $MLFLOW_TRACKING_URI, which every later stage of this process reads: put it back.
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
 
 
 def ensure_experiment(mlflow_client, mlflow_cfg) -> str:

@@ -25,6 +25,21 @@ def good(frames: int = 12, height: int = 48, width: int = 64, fps: int = 15, see
     return encode_mp4(pattern(frames, height, width, seed), fps)
 
 
+def odd_sized(width: int = 33, height: int = 17, frames: int = 12, seed: int = 0) -> bytes:
+    """Odd width and height, which 4:2:0 chroma cannot hold: H.264 in 4:4:4, as some cameras and screen
+    recorders write it."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=15)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        for array in pattern(frames, height, width, seed):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
 def rotated(degrees: int, frames: int = 6, height: int = 32, width: int = 64) -> bytes:
     """Landscape frames with a display matrix that tells players to rotate them (as phones record)."""
     buffer = io.BytesIO()

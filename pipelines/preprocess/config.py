@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
+from pipelines.data.identity import LOCATION_FIELDS
 from pipelines.data.video import CODECS
 from pipelines.raycluster import RayConfig
 
@@ -40,7 +41,7 @@ class PreprocessConfig:
     # rows with other labels are quarantined. "" = every label found, ids in sorted order.
     min_frames: int = 1  # fewer decoded frames than this -> quarantined
     max_frames: int = 0  # keep at most this many frames per video (0: all)
-    val_fraction: float = 0.0  # for sources without a split column: hash-assigned share of val
+    val_fraction: float = 0.0  # for sources without a split column: share of val, per class (pipelines/data/splits.py)
     target_shard_bytes: int = 1_000_000_000
     # Inputs with a time range (AVA chunks, trimmed clips) in files at least this big are read by seeking
     # (ranged reads of the index and the range) instead of downloaded whole: a 2 GB movie cut into
@@ -68,8 +69,9 @@ class PreprocessConfig:
             raise ValueError(f"config key 'codec' must be one of {CODECS}, got {self.codec!r}")
 
     def output_affecting(self) -> dict[str, Any]:
-        """The fields that change what gets written (not where it goes, nor how the work is run)."""
+        """The fields that change what gets written (not where it goes, where the inputs lie, nor how the
+        work is run); the records and label ids cover what is read."""
         data = dataclasses.asdict(self)
-        for name in (*self.NOT_AFFECTING_OUTPUT, "output"):
+        for name in (*self.NOT_AFFECTING_OUTPUT, "output", *LOCATION_FIELDS):
             data.pop(name)
         return data

@@ -9,8 +9,10 @@ import json
 from dataclasses import dataclass
 
 from pipelines.data import storage
+from pipelines.data.identity import record_identity, shard_order
 from pipelines.data.shards import DatasetError, QuarantineEntry
-from pipelines.data.sources import VideoRecord, detect_format, hashed_split, load_records
+from pipelines.data.sources import VideoRecord, detect_format, load_records
+from pipelines.data.splits import assign_splits
 from pipelines.preprocess.config import PreprocessConfig
 
 
@@ -54,9 +56,7 @@ def make_plan(cfg: PreprocessConfig) -> Plan:
             rejected.append(QuarantineEntry(record.source, f"duplicate id (key {record.key} already used)"))
         else:
             unique[record.key] = record
-    records = [
-        dataclasses.replace(r, split=r.split or hashed_split(r.key, cfg.val_fraction)) for r in unique.values()
-    ]
+    records = list(unique.values())
     if cfg.labels_file:
         label_map = read_label_file(cfg.labels_file)
         known = [r for r in records if all(name in label_map for name in r.labels)]
@@ -68,13 +68,14 @@ def make_plan(cfg: PreprocessConfig) -> Plan:
         records = known
     else:
         label_map = {name: i for i, name in enumerate(sorted({n for r in records for n in r.labels}))}
+    records = assign_splits(records, cfg.val_fraction)  # per class, after unknown labels are dropped
     return Plan(records, rejected, label_map, inputs, fingerprint(records, label_map, cfg), plan_parts(records, cfg))
 
 
 def fingerprint(records: list[VideoRecord], label_map: dict[str, int], cfg: PreprocessConfig) -> str:
     """What the output is a function of: the records (in any order), the label ids, the config."""
     payload = json.dumps(
-        {"records": [dataclasses.asdict(r) for r in sorted(records, key=lambda r: r.key)],
+        {"records": [record_identity(r) for r in sorted(records, key=lambda r: r.key)],
          "label_map": label_map, "config": cfg.output_affecting()},
         sort_keys=True,
     )
@@ -105,21 +106,14 @@ def read_label_file(uri: str) -> dict[str, int]:
     return label_map
 
 
-def _mix_order(record: VideoRecord) -> tuple[str, float, str]:
-    # Annotation files are usually grouped by label; ordering by a hash of the source instead spreads
-    # every label over every shard, so a shard-level shuffle buffer already sees mixed labels. Records
-    # cut from one file (AVA chunks) stay next to each other, so a task reads that file once.
-    return hashlib.sha1(record.source.encode()).hexdigest(), record.start_s or 0.0, record.key
-
-
 def plan_parts(records: list[VideoRecord], cfg: PreprocessConfig) -> list[Part]:
-    """Cut each split's records (in hash-of-key order) into parts of <= target_shard_bytes of source and
+    """Cut each split's records (in `shard_order`) into parts of <= target_shard_bytes of source and
     <= max_samples_per_shard samples."""
     parts: list[Part] = []
     for split in sorted({r.split for r in records}):
         current: list[VideoRecord] = []
         used = 0
-        for record in sorted((r for r in records if r.split == split), key=_mix_order):
+        for record in sorted((r for r in records if r.split == split), key=shard_order):
             full_by_count = cfg.max_samples_per_shard and len(current) >= cfg.max_samples_per_shard
             if current and (full_by_count or used + record.size > cfg.target_shard_bytes):
                 parts.append(Part(f"{split}-{len(parts):05d}", split, current))

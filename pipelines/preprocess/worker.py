@@ -15,7 +15,7 @@ from typing import Callable
 
 from pipelines.data import storage
 from pipelines.data.shards import IMAGE_KEY, INDEX_FIELDS, MEDIA_KEY, SHARD_DIR, QuarantineEntry, ShardInfo
-from pipelines.data.sources import VideoRecord
+from pipelines.data.sources import VideoRecord, dataset_path
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.plan import Part
 
@@ -150,7 +150,7 @@ def process_part(
                 quarantine.append(QuarantineEntry(record.source, UNEXPECTED, key=record.key,
                                                   detail=f"{type(exc).__name__}: {exc}"))
                 continue
-            meta = {"source": record.source, "label": record.label, "labels": list(record.labels),
+            meta = {"source": dataset_path(record), "label": record.label, "labels": list(record.labels),
                     "split": record.split, "media": record.media, "start_s": record.start_s,
                     "end_s": record.end_s, **video_meta}
             if record.extra:

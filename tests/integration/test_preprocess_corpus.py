@@ -63,7 +63,7 @@ def result(corpus, ray_session):
     for shard in manifest.shards:
         for sample in wds.WebDataset(str(corpus["out"] / shard.url), shardshuffle=False, empty_check=False):
             meta = sample_metadata(sample)
-            samples[meta["source"].split("videos/", 1)[1]] = (sample, meta)
+            samples[meta["source"]] = (sample, meta)  # the path under the source root
     return manifest, quarantine, samples
 
 

@@ -97,3 +97,17 @@ def test_passwords_in_uris_are_never_printed_or_logged(capsys):
     assert "s3cr3t" not in printed and "s3cr3t" not in json.dumps(params)
     assert params["mlflow.tracking_uri"] == "postgresql://ml:***@db:5432/mlflow"
     assert cfg.mlflow.tracking_uri.endswith("ml:s3cr3t@db:5432/mlflow")  # the config itself keeps it for use
+
+
+def test_errors_name_the_key_without_internal_placeholders_and_suggest_the_closest_key():
+    """`mvit train` with no arguments used to say "None: config key 'dataset' is required"; a misspelt key
+    lists the valid ones and names the closest."""
+    from pipelines.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as missing:
+        load_config(TrainConfig, None, [])
+    assert str(missing.value).startswith("config key 'dataset' is required") and "None" not in str(missing.value)
+    with pytest.raises(ConfigError, match=r"unknown config key 'epoch'\. Did you mean 'epochs'\?"):
+        load_config(TrainConfig, None, ["dataset=x", "epoch=2"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'clip\.num_frame'\. Did you mean 'clip\.num_frames'\?"):
+        load_config(TrainConfig, None, ["dataset=x", "clip.num_frame=2"])

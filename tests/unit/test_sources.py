@@ -367,6 +367,62 @@ def test_bad_sources_fail_with_a_clear_error(tmp_path):
         load_records(str(tmp_path / "notes.txt"), "imagefolder")
 
 
+# --- where the files lie ----------------------------------------------------------------------------
+
+
+def flatten(tree: Path, into: Path) -> None:
+    """The same videos downloaded in another layout: every file directly under `into`."""
+    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+        touch(into, path.name, path.read_bytes())
+
+
+def identities(records) -> dict:
+    return {r.key: (r.label, r.labels, r.split, r.start_s, r.end_s) for r in records}
+
+
+def test_annotation_sources_key_samples_by_their_ids_whatever_the_layout(tmp_path):
+    csv_path = kinetics_layout(tmp_path / "k")
+    flatten(tmp_path / "k" / "k400", tmp_path / "k_flat")
+    ssv2_labels, ssv2_videos = ssv2_layout(tmp_path / "s")
+    flatten(ssv2_videos, tmp_path / "s_nested" / "downloads" / "webm")
+    ava_annotations, ava_videos = ava_layout(tmp_path / "a")
+    flatten(ava_videos, tmp_path / "a_flat")
+    pairs = {
+        "kinetics": (kinetics_csv(str(csv_path), str(tmp_path / "k" / "k400")),
+                     kinetics_csv(str(csv_path), str(tmp_path / "k_flat"))),
+        "ssv2": (ssv2_json(str(ssv2_labels), str(ssv2_videos)),
+                 ssv2_json(str(ssv2_labels), str(tmp_path / "s_nested"))),
+        "ava": (ava(str(ava_annotations), str(ava_videos)), ava(str(ava_annotations), str(tmp_path / "a_flat"))),
+    }
+    for name, ((records, _), (moved, _)) in pairs.items():
+        assert identities(records) == identities(moved), name
+        assert {r.path for r in records} != {r.path for r in moved}, name  # the paths did change
+    kinetics_keys = {r.key.rsplit("-", 1)[0] for r in pairs["kinetics"][0][0]}
+    assert {"aaaaaaaaaaa_000010_000020", "dddddddddd-_000030_000040", "dddddddddd-_000050_000060"} <= kinetics_keys
+    assert sorted(r.key.rsplit("-", 1)[0] for r in pairs["ssv2"][0][0]) == ["1", "10", "2"]
+    assert [r.key.rsplit("-", 1)[0] for r in pairs["ava"][0][0]] == [
+        "movieAAAAAA_900-960s", "movieAAAAAA_960-1020s", "movieAAAAAA_1740-1800s", "movieBBBBBB_1500-1560s"]
+
+
+def test_every_adapter_names_the_file_by_its_path_under_the_root(tmp_path):
+    csv_path = kinetics_layout(tmp_path / "k")
+    ssv2_labels, ssv2_videos = ssv2_layout(tmp_path / "s")
+    ava_annotations, ava_videos = ava_layout(tmp_path / "a")
+    touch(tmp_path / "f", "cat/a b.mp4")
+    (tmp_path / "f" / "labels.csv").write_text("path,label\ncat/a b.mp4,cat\n")
+    touch(tmp_path / "i", "train/n01/x.JPEG")
+    sources = [
+        (kinetics_csv(str(csv_path), str(tmp_path / "k" / "k400")), tmp_path / "k" / "k400"),
+        (ssv2_json(str(ssv2_labels), str(ssv2_videos)), ssv2_videos),
+        (ava(str(ava_annotations), str(ava_videos)), ava_videos),
+        (load_records(str(tmp_path / "f"), "folder"), tmp_path / "f"),
+        (load_records(str(tmp_path / "f" / "labels.csv"), "csv"), tmp_path / "f"),
+        (image_folder(str(tmp_path / "i")), tmp_path / "i"),
+    ]
+    for (records, _), root in sources:
+        assert records and all(r.path == Path(r.source).relative_to(root).as_posix() for r in records), root
+
+
 # --- s3:// -------------------------------------------------------------------------------------------
 
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import re
-from pathlib import PurePosixPath
 
 from pipelines.data import storage
 from pipelines.data.sources.base import (
     Rejected,
     SourceError,
     VideoRecord,
+    annotation_key,
     by_name,
     is_folder,
     parent,
     read_text,
-    sample_key,
     video_files_under,
 )
 
@@ -159,7 +158,7 @@ def ava(
     `ava_train_v2.2.csv` gives split "train", `ava_val_v2.2.csv` "val"; at least one must exist.
     The excluded-timestamps CSVs only matter to evaluation and are not read here.
 
-    Record fields: label="" (multi-label); labels = sorted names of the actions annotated in the chunk;
+    Record fields: key = `<video_id>_<chunk start>-<chunk end>s` (made safe); label="" (multi-label); labels = sorted names of the actions annotated in the chunk;
     extra = {"video_id": id, "keyframes": [{"t": movie second, "boxes": [[x1, y1, x2, y2], ...],
     "actions": [[official action ids of that box], ...], "person_ids": [...]}, ...]} (sorted by t; one
     box per person, carrying all its actions). Keyframe times are movie seconds: the keyframe is at
@@ -206,7 +205,6 @@ def ava(
                                      f"under {root} ({len(chunks)} annotated chunks of {present[split]})"))
             continue
         rel = min(found, key=lambda r: (r.count("/"), r))
-        stem, ext = PurePosixPath(rel).with_suffix("").as_posix(), PurePosixPath(rel).suffix
         for chunk, keyframes in sorted(chunks.items()):
             chunk_start = window_start + chunk * chunk_s
             chunk_end = min(chunk_start + chunk_s, window_end)
@@ -222,7 +220,7 @@ def ava(
                 })
                 present_actions.update(a for _, ids in entries for a in ids)
             records.append(VideoRecord(
-                key=sample_key(f"{stem}_{chunk_start:g}s{ext}"),
+                key=annotation_key(f"{video_id}_{chunk_start:g}-{chunk_end:g}s"),
                 source=storage.join(root, rel),
                 label="",
                 split=split,
@@ -232,5 +230,6 @@ def ava(
                 size=max(1, round(files[rel] * (end_s - start_s) / window_end)),
                 labels=tuple(sorted(actions[a] for a in present_actions)),
                 extra={"video_id": video_id, "keyframes": extra_keyframes},
+                path=rel,
             ))
     return records, rejected

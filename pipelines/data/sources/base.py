@@ -39,6 +39,10 @@ class VideoRecord:
     - `media`: "video" or "image" (ImageNet-style folders).
     - `extra`: adapter-specific annotations, JSON-safe (str keys, lists, numbers), e.g. AVA keyframes.
       It is left out of the hash (a dict is not hashable) but not out of equality.
+    - `path`: the file's path under the source root ("/"-separated). `source` says where to read the
+      file and nothing else: what is written (the sample's `source` field, shard order, the split) is
+      derived from `path` and `key`, so a dataset does not change when its raw files move. Adapters
+      always set it; a record made without it falls back to `source` (see `dataset_path`).
     """
 
     key: str
@@ -51,6 +55,7 @@ class VideoRecord:
     labels: tuple[str, ...] = ()
     media: str = "video"
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    path: str = ""
 
     def __post_init__(self) -> None:
         # Records also come back from JSON (lists, not tuples): normalise so equality holds after a round trip.
@@ -67,20 +72,31 @@ class VideoRecord:
 Rejected = QuarantineEntry
 
 
-def sample_key(relative_path: str) -> str:
-    """A WebDataset-safe key from a file name: [A-Za-z0-9_-] only (no dots: WebDataset splits the key
-    from the extension at the first dot), plus a short hash of the full path so that names that
-    sanitise to the same string (or duplicate ids in different folders) stay distinct."""
-    stem = PurePosixPath(relative_path).with_suffix("").as_posix()
-    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-80:] or "video"
-    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
+def _safe_key(readable: str, identity: str) -> str:
+    """A WebDataset-safe key: [A-Za-z0-9_-] only (no dots: WebDataset splits the key from the extension
+    at the first dot), plus a short hash of the full identity so that identities that sanitise to the
+    same string stay distinct."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", readable).strip("_")[-80:] or "video"
+    digest = hashlib.sha1(identity.encode("utf-8")).hexdigest()[:8]
     return f"{clean}-{digest}"
 
 
-def hashed_split(key: str, val_fraction: float) -> str:
-    """Deterministic split for sources that carry none: stable across runs and machines."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if bucket < val_fraction else "train"
+def sample_key(relative_path: str) -> str:
+    """The key of a video known by its path under the source root (folder and path,label CSV sources):
+    the path without its extension, made safe, plus a hash of the whole path (duplicate names in
+    different folders stay distinct)."""
+    return _safe_key(PurePosixPath(relative_path).with_suffix("").as_posix(), relative_path)
+
+
+def annotation_key(identity: str) -> str:
+    """The key of a sample known by its annotation's own id (Kinetics youtube_id + times, SSv2 id, AVA
+    video_id + time range): the same whatever folder layout the videos were downloaded into."""
+    return _safe_key(identity, identity)
+
+
+def dataset_path(record: VideoRecord) -> str:
+    """The record's file as named inside the dataset (see `VideoRecord.path`)."""
+    return record.path or record.source
 
 
 def files_under(root: str) -> dict[str, int]:

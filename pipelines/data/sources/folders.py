@@ -37,7 +37,8 @@ def _class_folders(root: str, extensions: tuple[str, ...], media: str) -> tuple[
             rejected.append(Rejected(storage.join(root, rel), f"not in a <label>/ folder (expected depth {depth})"))
             continue
         split, label = (split_name(parts[0]) or "", parts[1]) if has_splits else ("", parts[0])
-        records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=size, media=media))
+        records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=size, media=media,
+                                   path=rel))
     return records, rejected
 
 

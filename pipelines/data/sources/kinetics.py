@@ -14,10 +14,10 @@ from pipelines.data.sources.base import (
     Rejected,
     SourceError,
     VideoRecord,
+    annotation_key,
     by_name,
     parent,
     read_text,
-    sample_key,
     split_name,
     video_files_under,
 )
@@ -54,7 +54,8 @@ def kinetics_csv(csv_uri: str, root: str | None = None) -> tuple[list[VideoRecor
     folder). Names tried, in this order, with .mp4/.avi/.mkv/.webm/.mov/.m4v:
       - `<youtube_id>_<time_start:06d>_<time_end:06d>.<ext>`: the trimmed clip, used whole;
       - `<youtube_id>.<ext>`: the full untrimmed video; the record then carries start_s/end_s.
-    Split values train/validate/test map to train/val/test (a CSV without a split column gives
+    Keys are the row's clip id `<youtube_id>_<time_start:06d>_<time_end:06d>` (made safe), whichever
+    file, layout or root holds it. Split values train/validate/test map to train/val/test (a CSV without a split column gives
     split="", which the job fills by hash). Label ids are not decided here: the job maps names to ids.
     Rows with an empty label, a malformed id or times, an unknown split, or no file are rejected with
     `<csv>:<line>` in the reason.
@@ -90,17 +91,18 @@ def kinetics_csv(csv_uri: str, root: str | None = None) -> tuple[list[VideoRecor
             rejected.append(Rejected(where, f"unknown split {raw_split!r} (expected train, validate or test)"))
         else:
             clip = f"{youtube_id}_{start:06d}_{end:06d}"
+            # The key is the row's clip id, whichever file holds it and wherever: two rows cutting one
+            # full video stay two samples, and a re-download in another layout gives the same keys.
+            key = annotation_key(clip)
             trimmed = [rel for ext in VIDEO_EXTENSIONS for rel in names.get(clip + ext, [])]
             full = [rel for ext in VIDEO_EXTENSIONS for rel in names.get(youtube_id + ext, [])]
             if trimmed:
                 rel = _pick(trimmed, split)
-                records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel]))
+                records.append(VideoRecord(key, storage.join(root, rel), label, split, size=files[rel], path=rel))
             elif full:
                 rel = _pick(full, split)
-                # The key names the segment, so two rows cutting one full video stay two samples.
-                key = sample_key(f"{PurePosixPath(rel).with_suffix('')}_{start:06d}_{end:06d}{PurePosixPath(rel).suffix}")
                 records.append(VideoRecord(key, storage.join(root, rel), label, split, start_s=float(start),
-                                           end_s=float(end), size=files[rel]))
+                                           end_s=float(end), size=files[rel], path=rel))
             else:
                 rejected.append(Rejected(storage.join(root, clip + ".mp4"),
                                          f"missing file ({where}): no {clip}.<ext> or {youtube_id}.<ext> under {root}"))

@@ -43,5 +43,5 @@ def path_label_csv(csv_uri: str, root: str | None = None) -> tuple[list[VideoRec
         elif split and split not in SPLITS:
             rejected.append(Rejected(storage.join(root, rel), f"unknown split '{split}' ({where}); use one of {SPLITS}"))
         else:
-            records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel]))
+            records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel], path=rel))
     return records, rejected

@@ -11,11 +11,11 @@ from pipelines.data.sources.base import (
     Rejected,
     SourceError,
     VideoRecord,
+    annotation_key,
     by_name,
     is_folder,
     parent,
     read_json,
-    sample_key,
     video_files_under,
 )
 
@@ -39,7 +39,7 @@ def ssv2_json(source: str, root: str | None = None) -> tuple[list[VideoRecord], 
     the test list has no labels and is not read. Both lists are optional, but at least one must exist.
 
     Each entry's class is its template with the brackets removed; it must be a key of the labels file.
-    Records also carry `extra = {"caption": <the entry's filled-in label>, "placeholders": [...]}`.
+    Keys are the video ids (made safe). Records also carry `extra = {"caption": <the entry's filled-in label>, "placeholders": [...]}`.
     The labels file's ids are the official class ids: pass it to the job as `labels_file` to use them.
     """
     given_folder = is_folder(source)
@@ -84,5 +84,6 @@ def ssv2_json(source: str, root: str | None = None) -> tuple[list[VideoRecord], 
             placeholders = entry.get("placeholders")
             placeholders = [str(p) for p in placeholders] if isinstance(placeholders, list) else []
             extra = {"caption": str(entry.get("label", "")), "placeholders": placeholders}
-            records.append(VideoRecord(sample_key(rel), storage.join(root, rel), label, split, size=files[rel], extra=extra))
+            records.append(VideoRecord(annotation_key(video_id), storage.join(root, rel), label, split, size=files[rel],
+                                       extra=extra, path=rel))
     return records, rejected
