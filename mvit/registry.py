@@ -1,4 +1,4 @@
-"""Named variants (shared/reference/models.md) and ``create_model`` / ``list_models``.
+"""Named variants (docs/reference.md) and ``create_model`` / ``list_models``.
 
 A variant is one row: a name and the few config fields where it differs from MViT-B 16x4.
 """

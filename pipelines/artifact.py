@@ -17,6 +17,7 @@ Train writes it (`save_training_state`), evaluate/register/predict and the MLflo
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from pipelines.data import storage
 from pipelines.data.clips import ClipConfig
 
 CHECKPOINT_FILE = "model.pt"
+# Written by `mvit train` into its run directory (<storage_path>/<run_name>/) when it finishes: the final
+# checkpoint's URI and the MLflow run id, so a run directory can stand for its checkpoint.
+RESULT_FILE = "result.json"
 FORMAT = "mvit-train-v1"
 # What inference needs: weights, how to rebuild the model, labels, how clips are cut.
 SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "step")
@@ -37,6 +41,29 @@ SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "labe
 def checkpoint_file(checkpoint: str) -> str:
     """The `model.pt` of a checkpoint given as its directory (Ray's) or as the file itself."""
     return checkpoint if checkpoint.endswith(".pt") else storage.join(checkpoint, CHECKPOINT_FILE)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint as a user names it, resolved: its directory (or file) and, when known, its MLflow run."""
+
+    checkpoint: str
+    mlflow_run_id: str = ""
+
+
+def resolve(uri: str) -> CheckpointRef:
+    """`uri` is a checkpoint (a directory holding model.pt, or the file) or a training run directory
+    (holding result.json, written when `mvit train` finished): the checkpoint it names."""
+    if uri.endswith(".pt") or storage.exists(storage.join(uri, CHECKPOINT_FILE)):
+        return CheckpointRef(uri)
+    result_uri = storage.join(uri, RESULT_FILE)
+    if storage.exists(result_uri):
+        result = json.loads(storage.read_bytes(result_uri))
+        return CheckpointRef(result["checkpoint"], result.get("mlflow_run_id", ""))
+    raise FileNotFoundError(
+        f"{uri} is neither a checkpoint (no {CHECKPOINT_FILE}) nor a finished training run (no {RESULT_FILE}); "
+        "pass the checkpoint or the run directory printed by `mvit train`"
+    )
 
 
 def save_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler, *, epoch: int, step: int,

@@ -34,9 +34,26 @@ def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
 
 
-def runtime_env() -> dict:
+# An embedded Ray is one machine: nothing can be preempted, and Ray Train's preemption watcher (an actor
+# restarted forever, whose arguments live in the object store) only makes Ray's core worker log an
+# ERROR line on every run (ray-project/ray#53727). On a cluster it stays on: it drains workers of nodes
+# that are about to go away.
+EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def runtime_env(embedded: bool = False) -> dict:
     """The runtime env every job of ours runs with: storage/tracking settings of the driver, no secrets."""
-    return {"env_vars": {**WORKER_ENV, **forwarded_env()}}
+    return {"env_vars": {**WORKER_ENV, **(EMBEDDED_ENV if embedded else {}), **forwarded_env()}}
+
+
+def quiet_train_worker_logs() -> None:
+    """Called first in a training worker: Ray Train's per-report INFO lines ("Reporting training result N:
+    TrainingReport(...)", "Checkpoint successfully created at: Checkpoint(filesystem=s3, path=bucket/...)",
+    a path without its scheme that cannot be pasted anywhere) go; the loop prints its own progress and the
+    job prints the checkpoint URI it finished with. Warnings and errors still show."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution").setLevel(logging.WARNING)
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -47,7 +64,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     # A local embedded instance needs no token; a real cluster keeps whatever auth it was set up with.
     if not cfg.address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs = {"runtime_env": runtime_env(), "log_to_driver": True}
+    kwargs = {"runtime_env": runtime_env(embedded=not cfg.address), "log_to_driver": True}
     if cfg.address:
         ray.init(address=cfg.address, **kwargs)
         return

@@ -1,6 +1,6 @@
 """`mvit flops NAME [--frames T] [--size S]`: parameters and GFLOPs with fvcore's counter.
 
-Counting follows shared/reference/models.md: fvcore's ``FlopCountAnalysis`` (one fused multiply-add = one
+Counting follows docs/reference.md: fvcore's ``FlopCountAnalysis`` (one fused multiply-add = one
 flop, batch 1). Our attention runs through ``F.scaled_dot_product_attention``, which fvcore does not know;
 it is counted here as the two matmuls it fuses (``q @ k^T`` and ``attn @ v``), which is what fvcore counts
 for the reference implementations that spell them out. Softmax, the additive rel-pos mask, GELU, adds and
@@ -53,7 +53,11 @@ class _FullForward(torch.nn.Module):
 
 def count_model(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:
     """(parameters, GFLOPs) of ``model`` on input ``x``."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        # fvcore.nn scripts a loss function when imported (torch.jit.script, deprecated in torch 2.x): a
+        # FutureWarning about fvcore's code, not ours, that users cannot act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     params = sum(p.numel() for p in model.parameters())
     model.eval()

@@ -1,4 +1,4 @@
-"""The training augmentations of the MViT / MViTv2 recipes (shared/reference/models.md) as pure functions.
+"""The training augmentations of the MViT / MViTv2 recipes (docs/recipes.md) as pure functions.
 
 Layouts: a clip is (T, C, H, W) (torchvision's video layout; `clips.to_model_input` turns it into the
 model's (C, T, H, W) at the end), an image is (C, H, W); every per-clip function takes both and applies the

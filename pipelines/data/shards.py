@@ -1,4 +1,4 @@
-"""The preprocessed-dataset contract (shared/DESIGN.md): `<out>/shards/*.tar`, `manifest.json`,
+"""The preprocessed-dataset contract (README: "The dataset contract"): `<out>/shards/*.tar`, `manifest.json`,
 `quarantine.jsonl`. Readers go through `read_manifest`, which refuses a prefix without a manifest
 (an incomplete or still-running preprocessing job) instead of reading half a dataset."""
 

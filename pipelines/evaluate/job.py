@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
-from pipelines import plots, tracking
+from pipelines import artifact, plots, tracking
 from pipelines.artifact import TrainedModel
 from pipelines.config import StageResult
 from pipelines.data.shards import DatasetError, read_manifest
@@ -22,11 +23,13 @@ from pipelines.tracking import MlflowConfig
 @dataclass
 class EvaluateConfig:
     dataset: str = MISSING
-    checkpoint: str = MISSING  # a checkpoint directory (holds model.pt) or the model.pt itself
+    checkpoint: str = MISSING  # a checkpoint (directory or its model.pt) or a finished run's directory
     split: str = "val"
     temporal_views: int = 1  # evenly spaced clips per video, softmax averaged (Kinetics recipe: 5)
     batch_size: int = 16
-    mlflow_run_id: str = ""  # log metrics and the report into this run ("" = do not log)
+    # log metrics and the report into this run; "" = the run of `checkpoint` when it names a run directory,
+    # else do not log
+    mlflow_run_id: str = ""
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -54,6 +57,8 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")
+    ref = artifact.resolve(cfg.checkpoint)
+    cfg = dataclasses.replace(cfg, checkpoint=ref.checkpoint, mlflow_run_id=cfg.mlflow_run_id or ref.mlflow_run_id)
     trained = TrainedModel.load(cfg.checkpoint)
     if trained.label_map != manifest.label_map:
         raise DatasetError(f"the labels of checkpoint {cfg.checkpoint} differ from those of {cfg.dataset}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "av<19", "numpy", "pandas", "boto3",
 
 @dataclass
 class RegisterConfig:
-    checkpoint: str = MISSING
-    mlflow_run_id: str = MISSING  # the training run the model is logged into
+    checkpoint: str = MISSING  # a checkpoint (directory or its model.pt) or a finished run's directory
+    mlflow_run_id: str = ""  # the training run the model is logged into ("" = the run of `checkpoint`)
     dataset: str = ""  # where to take an example video from (for the model's input_example)
     example_video: str = ""  # or a video file/URI to use as the input_example
     model_name: str = "mvit"
@@ -71,6 +72,11 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
     tracking.check_server(uri)
     client = tracking.client(uri)
+    ref = artifact.resolve(cfg.checkpoint)
+    cfg = dataclasses.replace(cfg, checkpoint=ref.checkpoint, mlflow_run_id=cfg.mlflow_run_id or ref.mlflow_run_id)
+    if not cfg.mlflow_run_id:
+        raise ValueError(f"register needs mlflow_run_id=<training run>: {cfg.checkpoint} is a checkpoint, not a "
+                         "finished run's directory that would name it")
     state = artifact.load_state(cfg.checkpoint)
     tracking.log_config(client, cfg.mlflow_run_id, "register", cfg)
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 
-from pipelines import tracking
+from pipelines import artifact, tracking
 from pipelines.config import StageResult
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, read_manifest
@@ -78,6 +78,6 @@ def run(cfg: TrainConfig) -> TrainResult:
     checkpoint = _checkpoint_uri(result.checkpoint, cfg.storage_path)
     tracking.client(tracking_uri).set_terminated(run_id, status="FINISHED")
     outcome = TrainResult(run_name, run_dir, run_id, tracking_uri, checkpoint, dict(result.metrics or {}))
-    storage.write_bytes(storage.join(run_dir, "result.json"), json.dumps(outcome.to_dict(), indent=1).encode())
+    storage.write_bytes(storage.join(run_dir, artifact.RESULT_FILE), json.dumps(outcome.to_dict(), indent=1).encode())
     return outcome
 

@@ -23,6 +23,7 @@ from pipelines import artifact
 from pipelines.data import storage
 from pipelines.data.loader import rank_shards, train_loader
 from pipelines.data.shards import read_manifest
+from pipelines.raycluster import quiet_train_worker_logs
 from pipelines.scoring import all_reduce_sum, precision_context, score_videos
 from pipelines.tracking import MlflowTracker, NullTracker
 from pipelines.train.config import TrainConfig
@@ -71,6 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker_logs()
     cfg: TrainConfig = loop_config["cfg"]
     run_id: str = loop_config["run_id"]
     tracking_uri: str = loop_config["tracking_uri"]
@@ -162,7 +164,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update({"val/top1": val.top1, "val/top5": val.top5})
         epoch_metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if rank == 0:
-            print(f"[train] epoch {epoch}: {json.dumps(metrics)}", flush=True)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}  # MLflow keeps all digits
+            print(f"[train] epoch {epoch}: {json.dumps(shown)}", flush=True)
 
         if cfg.audit_sample_keys:
             audit = {"rank": rank, "world": world, "keys": sorted(seen_keys), "shards": train_urls}

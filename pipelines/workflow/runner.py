@@ -226,7 +226,7 @@ def latest_outputs(instance: dg.DagsterInstance) -> dict:
     out = {}
     evaluation = _metadata(instance, "evaluation")
     if evaluation:
-        out["val_top1"] = evaluation.get("top1")
+        out["val_top1"] = round(evaluation["top1"], 4) if evaluation.get("top1") is not None else None
         out["mlflow_run_id"] = evaluation.get("mlflow_run_id")
     registered = _metadata(instance, "registered_model")
     if registered:
