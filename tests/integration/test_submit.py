@@ -199,7 +199,7 @@ def test_failing_job_exits_non_zero_with_its_log_tail(submitted, ray_head, mvit_
     job_id = out.strip().splitlines()[0]
     assert f"job {job_id} FAILED" in err
     tail = err.split("--- last lines of its log ---", 1)[1]
-    assert f"{PREFIX}/not-a-dataset has no manifest.json" in tail
+    assert f"dataset {PREFIX}/not-a-dataset does not exist" in tail  # a missing path is named as missing
     code, out, _ = mvit_in_process(["jobs", "status", job_id, "--address", ray_head["address"]])
     assert code == 1 and "FAILED" in out
 
