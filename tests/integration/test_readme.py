@@ -51,9 +51,9 @@ def prepared(args: list[str], scratch: Path) -> list[str]:
     for old, new in SMALLER.items():
         line = line.replace(old, new)
     args = shlex.split(line)
-    if args[0] == "workflow" and "--only" not in args:
-        return [*args, *APPENDED["workflow"]]
-    return [*args, *APPENDED.get(args[0], [])]
+    # after the positional arguments (the config and its overrides), before the first --option
+    at = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
+    return [*args[:at], *APPENDED.get(args[0], []), *args[at:]]
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_the_local_block_runs_as_written_into_the_documented_store(fresh_directo
     assert {"val/top1", "eval/val/top1"} <= set(run.data.metrics)
     assert client.get_model_version_by_alias("mvit-demo", "champion").run_id == run.info.run_id
     prediction = json.loads(outputs["predict"].strip().splitlines()[-1])
-    assert prediction["video"].endswith("up_speed1_0000.mp4") and len(prediction["top5_labels"]) == 4
+    assert prediction["video"].endswith("right_speed1_0000.mp4") and len(prediction["top5_labels"]) == 4
     # nothing written beside the store: no ./mlflow.db, no ./mlruns
     assert sorted(p.name for p in fresh_directory.iterdir()) == [".state", "configs"]
 
