@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import artifact
 from pipelines.config import StageResult
 from pipelines.data import storage
 from pipelines.data.shards import MANIFEST
@@ -79,6 +78,12 @@ def _missing(uri: str) -> str | None:
     return None if storage.exists(uri) else f"{uri} is gone"
 
 
+def _checkpoint_missing(result: TrainResult) -> str | None:
+    from pipelines import artifact
+
+    return _missing(artifact.checkpoint_file(result.checkpoint))
+
+
 def _evaluation_missing(result: EvaluateResult) -> str | None:
     import mlflow
 
@@ -124,7 +129,7 @@ STAGES: dict[str, Stage] = {
             wired={"dataset": "workflow.dataset", "storage_path": "workflow.storage_path"},
             not_affecting_output=TrainConfig.NOT_AFFECTING_OUTPUT,
             data_version=lambda r: _digest(r.checkpoint),
-            output_missing=lambda r: _missing(artifact.checkpoint_file(r.checkpoint)),
+            output_missing=_checkpoint_missing,
         ),
         Stage(
             name="evaluate", asset="evaluation", help="multi-view top-1/top-5 of a checkpoint on a split",
