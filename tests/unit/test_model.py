@@ -515,6 +515,37 @@ def test_class_token_only_attention_with_kv_windows():
     torch.testing.assert_close(g_cls, g_full)
 
 
+@pytest.mark.parametrize("name", ["mvit_debug", "mvitv2_debug"])
+def test_class_token_only_block_equals_the_full_block_on_every_block(name):
+    """class_token_only_block on every block (MViT.forward runs it on the last one only), so that its skip
+    branches run too: the projection where v1 widens in the MLP or v2 in the attention, and Q strides (whose
+    max-pooled skip passes the class token through): the class token's row of the full block, forward and
+    backward (float64, fast paths on)."""
+    from mvit.fast import class_token_only_block
+
+    model = model_for(name).train().double()
+    for blk in model.blocks:
+        blk.drop_path.p = 0.0
+    x = clip(model).double()
+    with torch.no_grad():
+        tokens, grid = model.embed(x)
+    gen = torch.Generator().manual_seed(2)
+    for i, blk in enumerate(model.blocks):
+        tokens = tokens.detach().requires_grad_(True)
+        got = class_token_only_block(blk, tokens, grid)
+        full, next_grid = blk(tokens, grid)
+        want = full[:, :1]
+        assert_same_math(got, want, f"block {i} output")
+        gy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        names, params = zip(*blk.named_parameters())
+        wrt = (tokens, *params)
+        g_got = torch.autograd.grad(got, wrt, gy, materialize_grads=True)
+        g_want = torch.autograd.grad(want, wrt, gy, materialize_grads=True)
+        for n, a, b in zip(("tokens", *names), g_got, g_want):
+            assert_same_math(a, b, f"block {i} gradient of {n}")
+        tokens, grid = full.detach(), next_grid
+
+
 def test_pooling_windows_none_where_every_token_is_read():
     from mvit.fast import pooling_windows
 
