@@ -4,8 +4,9 @@
 
 Not part of ``make bench`` (it compares nothing side by side): a tool for finding what is left to speed up.
 For each block it times forward + backward on the block's real input (captured from one forward pass of
-the model at 1x3x16x224x224), counts the matrix-multiply flops that step runs (linear layers and attention,
-forward and backward, as the ops are dispatched: what the model really computes, including the attention
+the model at 1x3x16x224x224; the last block computes the class token only, as in ``MViT.forward``), counts
+the matrix-multiply flops that step runs (linear layers and attention, forward and backward, as the ops are
+dispatched: what the model really computes, including the attention
 recomputation in the fused kernel's backward), and compares the time with what those flops would take at
 the rate a plain large GEMM reaches in the same process, measured next to each block. The difference
 ("slack") is time spent below that rate: smaller GEMMs, the attention kernel, pooling convolutions, norms
@@ -17,6 +18,7 @@ Prints one line per block, the totals and one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -27,7 +29,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import build  # the same model and weights as the benchmark
+from bench_model import ROOT, build  # the same model and weights as the benchmark
+
+sys.path.insert(0, str(ROOT))  # this checkout's mvit, as bench_model's build() uses
+from mvit.fast import class_token_only_block  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -79,14 +84,15 @@ def gemm_rate(repeats: int = 20) -> float:
     return 2 * 1569 * 384 * 1536 / min(step_times(lambda: torch.mm(a, b, out=out), repeats)) / 1e9
 
 
-def profile_block(block: torch.nn.Module, x: torch.Tensor, grid: tuple[int, ...], cls_only: bool, repeats: int):
-    """Median seconds of one forward + backward of ``block`` on ``x``, and the matmul flops it runs."""
+def profile_block(block_fn, x: torch.Tensor, grid: tuple[int, ...], repeats: int):
+    """Median seconds of one forward + backward of ``block_fn(x, grid)`` (the block's output tokens), and the
+    matmul flops it runs."""
     x = x.detach().requires_grad_(True)
-    out, _ = block(x, grid, cls_only)
+    out = block_fn(x, grid)
     grad_out = torch.randn_like(out)
 
     def step() -> None:
-        block(x, grid, cls_only)[0].backward(grad_out)
+        block_fn(x, grid).backward(grad_out)
 
     counter = MatmulFlops()
     with counter:
@@ -107,15 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         blk.register_forward_pre_hook(lambda _m, a: inputs.append((a[0].detach().clone(), *a[1:])))
         for blk in model.blocks
     ]
-    with torch.no_grad():
-        model(torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():  # every block's input, the same as in MViT.forward (which differs in the last block only)
+        model.forward_tokens(torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(1)))
     for h in hooks:
         h.remove()
 
     rows = []
-    for i, (block, (x, grid, cls_only)) in enumerate(zip(model.blocks, inputs)):
+    last = len(model.blocks) - 1
+    for i, (block, (x, grid)) in enumerate(zip(model.blocks, inputs)):
         rate = gemm_rate()  # measured next to each block: this machine's speed drifts from minute to minute
-        seconds, flops = profile_block(block, x, grid, cls_only, args.repeats)
+        if i == last:  # MViT.forward computes the last block's class token only
+            block_fn = functools.partial(class_token_only_block, block)
+        else:
+            block_fn = lambda x, grid, block=block: block(x, grid)[0]  # noqa: E731
+        seconds, flops = profile_block(block_fn, x, grid, args.repeats)
         floor = flops / (rate * 1e9)
         rows.append({"block": i, "grid": list(grid), "ms": seconds * 1e3, "gflop": flops / 1e9,
                      "gflop_per_s": flops / seconds / 1e9, "gemm_gflop_per_s": rate, "slack_ms": (seconds - floor) * 1e3})

@@ -1,4 +1,11 @@
-"""Multiscale Vision Transformers (MViT v1 and MViTv2), video and image, in one readable file.
+"""Multiscale Vision Transformers (MViT v1 and MViTv2), video and image: the papers' math, written once.
+
+What lives where: this file holds the layers (PatchEmbed, token pooling, MultiScaleAttention,
+MultiScaleBlock, MViT), each computing every token as in the papers. mvit.ops holds drop-in ops with faster
+CPU backward passes (``mlp``, ``heads_linear``, ``depthwise_conv_cl``) and the fast-path switch;
+mvit.fast holds the two paths that compute only the part of a layer whose result is used (K and V of the
+tokens their pooling windows read; the last block's class token alone). The model calls into mvit.fast
+at two marked places: ``MultiScaleAttention.forward`` and ``MViT.forward``.
 
 Parameter names follow the official SlowFast layout (``blocks.i.attn.qkv``, ``pool_q``, ``norm_q``,
 ``rel_pos_h``, ``head.projection`` ...), so official checkpoints load with no renaming; see checkpoint.py
@@ -13,16 +20,12 @@ Where this differs from the reference code, it computes the same function faster
   kept for backward); MViTv2's decomposed relative position terms become its additive ``attn_mask``;
 * pooling runs on a channels-last view of the tokens, so the ``permute(...).contiguous()`` round trips
   of the reference are gone (the conv / max-pool kernels take channels-last input directly);
-* K and V are projected only for the tokens their pooling windows read (``kv_windows``: 9 of every 64 in
-  MViT-B's first block, 9 of 16 in the next two), where the reference projects every token and pools
-  3x3 of each 8x8 of them.
+* the fast paths of mvit.ops and mvit.fast (see there).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +33,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BlockSpec, MViTConfig
+from .fast import class_token_only_block, pooled_qkv_from_kv_windows
 from .heads import ClassificationHead
-from .ops import depthwise_conv_cl, fast_paths_enabled, heads_linear, mlp
+from .ops import depthwise_conv_cl, heads_linear, mlp, split_heads
 
 Grid = tuple[int, ...]
 
@@ -84,77 +88,28 @@ class PatchEmbed(nn.Module):
 
 
 def pool_tokens(
-    x: torch.Tensor, grid: Grid, pool: nn.Module, norm: nn.Module | None = None, window: KVWindows | None = None
+    x: torch.Tensor, grid: Grid, pool: nn.Module, norm: nn.Module | None = None
 ) -> tuple[torch.Tensor, Grid]:
     """Pool ``x`` of shape ``(B, [heads,] 1 + L, C)`` over its token grid; the class token skips the pool.
 
     The grid tokens are viewed channels-last (``(B', C, *grid)`` with C fastest), which conv and max-pool
-    accept without a layout copy; the result is viewed back to tokens the same way. With ``window``, ``x``
-    holds only the tokens that the pooling conv's windows read (see :func:`kv_windows`).
+    accept without a layout copy; the result is viewed back to tokens the same way.
     """
     lead = x.shape[:-2]
     c = x.shape[-1]
-    if window is not None:
-        grid = window.grid
     # One split rather than two slices: its backward concatenates the two gradients in one pass, where each
     # slice's backward would write its part into a zero-filled tensor of the full size, then add the two.
     cls_tok, g = x.split((1, x.shape[-2] - 1), dim=-2)
     g = g.reshape((-1,) + grid + (c,))
     if isinstance(pool, (nn.Conv2d, nn.Conv3d)):  # depthwise pooling conv
-        stride, padding = (window.stride, window.padding) if window is not None else (pool.stride, pool.padding)
-        g = depthwise_conv_cl(g, pool.weight, stride, padding)
+        g = depthwise_conv_cl(g, pool.weight, pool.stride, pool.padding)
     else:
-        if window is not None:
-            raise ValueError("pool_tokens: `window` is for depthwise pooling convolutions, not for max-pooling")
         g = pool(g.movedim(-1, 1)).movedim(1, -1)
     new_grid = tuple(g.shape[1:-1])
     x = torch.cat((cls_tok, g.reshape(lead + (-1, c))), dim=-2)
     if norm is not None:
         x = norm(x)
     return x, new_grid
-
-
-@dataclass(frozen=True)
-class KVWindows:
-    """The tokens a K/V pooling conv reads, when its windows leave some out: ``index`` into the tokens
-    (class token first), their ``grid``, and the stride and padding of the same conv on that grid."""
-
-    index: torch.Tensor
-    grid: Grid
-    stride: Grid
-    padding: Grid
-
-
-@functools.lru_cache(maxsize=256)
-def kv_windows(grid: Grid, kernel: Grid, stride: Grid, padding: Grid, device: torch.device | None = None) -> KVWindows | None:
-    """Which tokens a pooling conv reads, or None if it reads them all (``index`` on ``device``, made once).
-
-    MViT pools K and V with 3-wide kernels at strides up to 8 (``[1, 8, 8]`` in the first stage): along such
-    an axis each output reads 3 of every 8 positions, so K and V of the other tokens (86% of the first
-    stage's) are computed and never used. The windows of an axis with ``kernel <= stride`` don't overlap;
-    laid side by side, the positions they read form a grid on which the same conv runs with stride =
-    kernel. Its padding stays the same (for padding < kernel): the positions a window reads outside the
-    input (zeros) are only at the two ends, the same ones the padding supplied before.
-    """
-    keep, new_stride = [], []
-    for size, k, s, p in zip(grid, kernel, stride, padding):
-        if k > s or p >= k:  # overlapping windows read every position; a padding that holds a whole window
-            keep.append(list(range(size)))  # or more (never in MViT: padding = kernel // 2) isn't compacted
-            new_stride.append(s)
-            continue
-        out = (size + 2 * p - k) // s + 1
-        keep.append([i for o in range(out) for j in range(k) if 0 <= (i := o * s - p + j) < size])
-        new_stride.append(k)
-    if all(len(kept) == size for kept, size in zip(keep, grid)):
-        return None
-    # Cached, so made as a plain CPU tensor whatever mode the first call runs under (an inference tensor
-    # could not be saved for backward by a later training step's index_select).
-    with torch.inference_mode(False):
-        flat = torch.zeros((), dtype=torch.long, device="cpu")
-        for kept, size in zip(keep, grid):
-            flat = flat.unsqueeze(-1) * size + torch.tensor(kept, device="cpu")
-        index = torch.cat((torch.zeros(1, dtype=torch.long, device="cpu"), 1 + flat.flatten())).to(device)
-    return KVWindows(index, tuple(len(kept) for kept in keep), tuple(new_stride), tuple(padding))
 
 
 def _rel_pos_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
@@ -174,17 +129,11 @@ def _rel_pos_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tenso
     return table[dist.long()]
 
 
-def _split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
-    """``(B, N, parts * heads * d)`` -> ``parts`` views ``(B, heads, N, d)`` (q, k, v of a fused projection).
-
-    Unbinding before the transpose makes the backward one pass: it stacks the parts' gradients into
-    ``(B, N, parts, heads, d)``, which is already the layout of the projection's output gradient.
-    """
-    b, n, c = x.shape
-    return tuple(part.transpose(1, 2) for part in x.reshape(b, n, parts, heads, c // (parts * heads)).unbind(2))
-
-
 class MultiScaleAttention(nn.Module):
+    """Pooling attention: qkv -> heads -> pool q, k, v (+ norm) -> [v2: rel-pos bias] -> attention
+    -> [v2: residual pooling] -> proj. Q's pooling stride sets the output token grid; K/V pooling reduces
+    the keys and values each query attends to."""
+
     def __init__(self, spec: BlockSpec, *, qkv_bias: bool, version: int, norm_eps: float) -> None:
         super().__init__()
         dim, dim_out, heads = spec.dim_in, spec.attn_dim, spec.num_heads
@@ -220,6 +169,46 @@ class MultiScaleAttention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(sp, hd))
             self.rel_pos_t = nn.Parameter(torch.zeros(2 * spec.grid_in[0] - 1, hd))
 
+    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        """Attention output ``(B, 1 + L', dim_out)`` and the grid of its ``L'`` tokens (Q's pooled grid)."""
+        # Fast path: where K/V pooling reads only some tokens, mvit.fast computes the same pooled q, k, v
+        # with K and V of only those tokens (None where it doesn't apply, e.g. with the fast paths off).
+        pooled = pooled_qkv_from_kv_windows(self, x, grid)
+        q, k, v, q_grid, kv_grid = pooled if pooled is not None else self.pooled_qkv(x, grid)
+        mask = self.rel_pos_bias(q, q_grid, kv_grid) if self.rel_pos else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim ** -0.5
+        if self.residual_pooling:
+            # MViTv2 residual pooling: add the pooled q to every token's output except the class token's.
+            out = out + F.pad(q[:, :, 1:], (0, 0, 1, 0))
+        # proj(out.transpose(1, 2).reshape(b, n, dim_out)), without storing that copy for backward
+        return heads_linear(out, self.proj.weight, self.proj.bias), q_grid
+
+    def pooled_qkv(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Grid, Grid]:
+        """qkv -> heads -> pooled (and normalised) q, k, v, each ``(B, heads, 1 + L', head_dim)``, with the
+        grids of q and of k, v."""
+        q, k, v = split_heads(self.qkv(x), 3, self.num_heads)
+        if self.pool_q is None:
+            # A copy of q lets the fused qkv output be freed (k and v are pooled copies): attention keeps
+            # its inputs for backward, and a view would keep all of qkv alive.
+            q = q.contiguous()
+        q, q_grid = self.pool_query(q, grid)
+        k, v, kv_grid = self.pool_keys_values(k, v, grid)
+        return q, k, v, q_grid, kv_grid
+
+    def pool_query(self, q: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        """Q pooled (and normalised) over the token grid where this block pools it, and its grid."""
+        if self.pool_q is None:
+            return q, grid
+        return pool_tokens(q, grid, self.pool_q, self.norm_q)
+
+    def pool_keys_values(self, k: torch.Tensor, v: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+        """K and V pooled (and normalised) over the token grid where this block pools them, and their grid."""
+        if self.pool_k is None:
+            return k, v, grid
+        k, kv_grid = pool_tokens(k, grid, self.pool_k, self.norm_k)
+        v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v)
+        return k, v, kv_grid
+
     def rel_pos_bias(self, q: torch.Tensor, q_grid: Grid, k_grid: Grid) -> torch.Tensor:
         """Decomposed relative position terms as an additive mask ``(B, heads, Nq, Nk)``.
 
@@ -243,91 +232,11 @@ class MultiScaleAttention(nn.Module):
         ).reshape(b, n, qt * qh * qw, kt * kh * kw)
         return F.pad(bias, (1, 0, 1, 0))
 
-    def _qkv_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Outputs ``start * dim_out : stop * dim_out`` of the fused qkv projection (q: 0, 1; k and v: 1, 3)."""
-        d, bias = self.dim_out, self.qkv.bias
-        return F.linear(x, self.qkv.weight[start * d : stop * d], None if bias is None else bias[start * d : stop * d])
-
-    def _q(self, x: torch.Tensor) -> torch.Tensor:
-        """Q of the tokens ``x``, ``(B, heads, N, head_dim)``."""
-        b, n, _ = x.shape
-        return self._qkv_rows(x, 0, 1).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the tokens ``x``, each ``(B, heads, N, head_dim)``."""
-        return _split_heads(self._qkv_rows(x, 1, 3), 2, self.num_heads)
-
-    def _kv_windows(self, grid: Grid) -> KVWindows | None:
-        """The tokens K/V pooling reads when it leaves some out (None: compute K and V of every token).
-
-        Off with :func:`mvit.ops.fast_paths` off (flop counts are of the full computation, as for the
-        reference) and under ``torch.compile`` (its graph keeps the plain projection)."""
-        if self.pool_k is None or not fast_paths_enabled() or torch.compiler.is_compiling():
-            return None
-        return kv_windows(grid, self.pool_k.kernel_size, self.pool_k.stride, self.pool_k.padding, self.pool_k.weight.device)
-
-    def forward(self, x: torch.Tensor, grid: Grid, cls_only: bool = False) -> tuple[torch.Tensor, Grid]:
-        """Attention output ``(B, 1 + L', dim_out)`` and the pooled grid; with ``cls_only`` only the class
-        token's query is computed (output ``(B, 1, dim_out)``): K and V still cover every token."""
-        if cls_only:
-            return self._forward_cls(x, grid)
-        window = self._kv_windows(grid)
-        if window is None:
-            q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
-            if self.pool_q is None:
-                # A copy of q lets the fused qkv output be freed (k and v are pooled copies): attention keeps
-                # its inputs for backward, and a view would keep all of qkv alive.
-                q = q.contiguous()
-        else:
-            # K and V only of the tokens the pooling windows read (kv_windows): the same outputs, less work.
-            q = self._q(x)
-            k, v = self._kv(x.index_select(1, window.index))
-        q_grid = k_grid = grid
-        if self.pool_q is not None:
-            q, q_grid = pool_tokens(q, grid, self.pool_q, self.norm_q)
-        if self.pool_k is not None:
-            k, k_grid = pool_tokens(k, grid, self.pool_k, self.norm_k, window)
-            v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v, window)
-        mask = self.rel_pos_bias(q, q_grid, k_grid) if self.rel_pos else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim ** -0.5
-        if self.residual_pooling:
-            # MViTv2 residual pooling: add the pooled q to every token's output except the class token's.
-            out = out + F.pad(q[:, :, 1:], (0, 0, 1, 0))
-        # proj(out.transpose(1, 2).reshape(b, n, dim_out)), without storing that copy for backward
-        return heads_linear(out, self.proj.weight, self.proj.bias), q_grid
-
-    def _forward_cls(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
-        # The class token skips Q pooling (but not norm_q), its rel-pos terms are zero and residual pooling
-        # leaves it alone: its output needs only its own query against the full (pooled) K and V.
-        q = self._q(x[:, :1])
-        window = self._kv_windows(grid)
-        k, v = self._kv(x if window is None else x.index_select(1, window.index))
-        q_grid = grid
-        if self.pool_q is not None:
-            q = self.norm_q(q)
-            q_grid = _pooled_grid(grid, self.pool_q)
-        if self.pool_k is not None:
-            k, _ = pool_tokens(k, grid, self.pool_k, self.norm_k, window)
-            v, _ = pool_tokens(v, grid, self.pool_v, self.norm_v, window)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = heads_linear(out, self.proj.weight, self.proj.bias)
-        # Q pooling and the rel-pos tables only act on the other queries: their gradient is zero, as in the
-        # full computation. Keep them in the graph with that zero gradient, so that DDP (which expects every
-        # parameter to get a gradient) works without find_unused_parameters.
-        unused = [p for p in (self.pool_q.weight if self.pool_q is not None else None,
-                              *(getattr(self, f"rel_pos_{a}", None) for a in "hwt")) if p is not None]
-        if unused and torch.is_grad_enabled():
-            out = out + 0.0 * sum(p.sum() for p in unused)
-        return out, q_grid
-
-
-def _pooled_grid(grid: Grid, pool: nn.Module) -> Grid:
-    """The token grid after a pooling conv, from its geometry alone."""
-    return tuple((g + 2 * p - k) // s + 1 for g, k, s, p in zip(grid, pool.kernel_size, pool.stride, pool.padding))
-
 
 class MultiScaleBlock(nn.Module):
-    """Pre-norm block: pooled attention, then MLP; the skip is max-pooled where Q is strided."""
+    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``. The attention's skip is max-pooled
+    where Q is strided; where the width changes, the skip goes through ``proj`` (of ``norm1(x)`` where MViTv2
+    widens in the attention, of ``norm2(x)`` where MViT v1 widens in the MLP)."""
 
     def __init__(self, spec: BlockSpec, *, mlp_ratio: float, qkv_bias: bool, version: int, norm_eps: float) -> None:
         super().__init__()
@@ -346,15 +255,12 @@ class MultiScaleBlock(nn.Module):
         else:
             self.pool_skip = None
 
-    def forward(self, x: torch.Tensor, grid: Grid, cls_only: bool = False) -> tuple[torch.Tensor, Grid]:
-        """``cls_only``: compute the class token's output only, ``(B, 1, dim_out)`` (see MViT.forward)."""
+    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         x_norm = self.norm1(x)
-        x_attn, new_grid = self.attn(x_norm, grid, cls_only)
-        if cls_only:  # the skip of the class token: not pooled; through proj where v2 widens in attention
-            x, x_norm = x[:, :1], x_norm[:, :1]
+        x_attn, new_grid = self.attn(x_norm, grid)
         if self.proj is not None and self.width_in_attn:
             x = self.proj(x_norm)
-        if self.pool_skip is not None and not cls_only:
+        if self.pool_skip is not None:
             x, _ = pool_tokens(x, grid, self.pool_skip)
         x = x + self.drop_path(x_attn)
         x_norm = self.norm2(x)
@@ -473,9 +379,8 @@ class MViT(nn.Module):
             pos = F.interpolate(pos, size=grid, mode=mode, align_corners=False).flatten(2).transpose(1, 2)
         return cls_pos, pos
 
-    def forward_tokens(self, x: torch.Tensor, last_cls_only: bool = False) -> tuple[torch.Tensor, Grid]:
-        """Blocks' output before the final norm: tokens ``(B, 1 + L, C)`` and the final token grid
-        (``(B, 1, C)`` with ``last_cls_only``: the last block computes the class token only)."""
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """Patch tokens with position embeddings and the class token first, ``(B, 1 + L, C)``, and their grid."""
         self.check_input(x)
         x, grid = self.patch_embed(x)
         cls_tok = self.cls_token
@@ -487,14 +392,19 @@ class MViT(nn.Module):
             cls_pos, pos = self._pos_embed(grid)
             cls_tok = cls_tok + cls_pos
             x = x + pos
-        x = torch.cat((cls_tok.expand(x.shape[0], -1, -1), x), dim=1)
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            cls_only = last_cls_only and i == last
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, grid = checkpoint(blk, x, grid, cls_only, use_reentrant=False)
-            else:
-                x, grid = blk(x, grid, cls_only)
+        return torch.cat((cls_tok.expand(x.shape[0], -1, -1), x), dim=1), grid
+
+    def _run(self, fn, *args):
+        """``fn(*args)``; with gradient checkpointing, its activations are recomputed in backward instead of stored."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """Blocks' output before the final norm: tokens ``(B, 1 + L, C)`` and the final token grid."""
+        x, grid = self.embed(x)
+        for blk in self.blocks:
+            x, grid = self._run(blk, x, grid)
         return x, grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -505,11 +415,14 @@ class MViT(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)``.
+        """Logits ``(B, num_classes)``, those of ``forward_head(forward_features(x))``.
 
-        Only the class token of the last block reaches the head, so that block computes the class token's
-        output alone (its K/V still see every token): the same logits as the full computation
-        (``forward_head(forward_features(x))``) for ~4% less work. Flop counts (``mvit flops``) are of the
-        full computation, as for the reference implementations.
+        Flop counts (``mvit flops``) are of that full computation, as for the reference implementations.
         """
-        return self.forward_head(self.norm(self.forward_tokens(x, last_cls_only=True)[0]))
+        x, grid = self.embed(x)
+        for blk in self.blocks[:-1]:
+            x, grid = self._run(blk, x, grid)
+        # Fast path: only the class token of the last block reaches the head, so mvit.fast computes that
+        # block's output for the class token alone (its K and V still see every token): ~4% less work.
+        x = self._run(class_token_only_block, self.blocks[-1], x, grid)
+        return self.forward_head(self.norm(x))

@@ -1,4 +1,5 @@
-"""Fast paths for CPU training, each numerically equivalent to the plain ops it replaces.
+"""Drop-in ops with fast paths for CPU training, each numerically equivalent to the plain ops it replaces,
+and :func:`fast_paths`, the one switch of the fast paths (these, and mvit.fast's K/V windows).
 
 PyTorch has no fused kernels for these patterns on CPU, so they are written here as small autograd
 functions; each one's forward is the ordinary op, and only what is kept for backward (or how the
@@ -18,10 +19,15 @@ backward is computed) changes.
 
 All of them fall back to the plain ops when no gradient is needed, under autocast, under
 ``torch.compile`` (inductor generates its own kernels) and when :func:`fast_paths` is switched off (the
-tests compare both), so inference, tracing and flop counting see ordinary aten ops. :func:`fast_paths`
-also switches the model's K/V projection of only the tokens their pooling reads
-(``mvit.model.kv_windows``; plain ops, so it is on in inference as well), which flop counting turns off
-to count the full computation.
+tests compare both), so inference, tracing and flop counting see ordinary aten ops.
+
+:func:`fast_paths` also switches mvit.fast's projection of K and V for only the tokens their pooling
+windows read (plain ops, so it is on in inference as well), which flop counting turns off to count the
+full computation. It does not switch mvit.fast's class-token-only last block: that is what ``MViT.forward``
+computes, while ``forward_features`` + ``forward_head`` compute every token.
+
+:func:`split_heads` is the model's plain head split, here next to its inverse (``_merge_heads``) because
+its layout is chosen for the backward pass.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ _FAST = True
 
 @contextlib.contextmanager
 def fast_paths(enabled: bool) -> Iterator[None]:
-    """Switch the custom backward paths on or off (for tests and debugging) within a ``with`` block."""
+    """Switch the fast paths on or off within a ``with`` block: the custom backward paths here and mvit.fast's
+    K/V of only the tokens their pooling windows read (for tests, debugging and flop counts)."""
     global _FAST
     old, _FAST = _FAST, enabled
     try:
@@ -257,7 +264,17 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
-# --- attention output projection ----------------------------------------------------------------------
+# --- attention heads ---------------------------------------------------------------------------------
+def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """``(B, N, parts * heads * d)`` -> ``parts`` views ``(B, heads, N, d)`` (q, k, v of a fused projection).
+
+    Unbinding before the transpose makes the backward one pass: it stacks the parts' gradients into
+    ``(B, N, parts, heads, d)``, which is already the layout of the projection's output gradient.
+    """
+    b, n, c = x.shape
+    return tuple(part.transpose(1, 2) for part in x.reshape(b, n, parts, heads, c // (parts * heads)).unbind(2))
+
+
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)

@@ -446,7 +446,7 @@ def test_depthwise_conv_backward_equals_autograd(nd, kernel, stride, padding, si
         torch.testing.assert_close(g, r)
 
 
-# --- K/V of only the tokens the pooling windows read ---------------------------------------------------------
+# --- mvit.fast: K/V of only the tokens the pooling windows read ----------------------------------------------
 @pytest.mark.parametrize(
     "grid, kernel, stride, padding",
     [
@@ -458,21 +458,22 @@ def test_depthwise_conv_backward_equals_autograd(nd, kernel, stride, padding, si
         ((4, 9), (1, 3), (2, 3), (1, 1)),  # padding >= kernel along H: that axis is kept whole
     ],
 )
-def test_kv_windows_pooling_equals_pooling_every_token(grid, kernel, stride, padding):
-    """Pooling the tokens kv_windows keeps, with its stride and padding, gives the pooling of all tokens,
+def test_pooling_windows_pooling_equals_pooling_every_token(grid, kernel, stride, padding):
+    """Pooling the tokens pooling_windows keeps, with its stride and padding, gives the pooling of all tokens,
     and the same gradients (through the custom channels-last conv backward) for the tokens and the kernel."""
-    from mvit.model import kv_windows, pool_tokens
+    from mvit.fast import pool_windows, pooling_windows
+    from mvit.model import pool_tokens
 
     gen = torch.Generator().manual_seed(sum(grid))
     c = 4
     conv = (torch.nn.Conv3d if len(grid) == 3 else torch.nn.Conv2d)(c, c, kernel, stride, padding, groups=c, bias=False)
     conv.weight.data = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
     tokens = torch.randn(2, 3, 1 + math.prod(grid), c, generator=gen, dtype=torch.float64, requires_grad=True)
-    window = kv_windows(grid, kernel, stride, padding)
+    window = pooling_windows(grid, kernel, stride, padding)
     assert window is not None and window.index[0] == 0  # the class token first
     assert len(window.index) < 1 + math.prod(grid)
     want, want_grid = pool_tokens(tokens, grid, conv)
-    got, got_grid = pool_tokens(tokens.index_select(2, window.index), grid, conv, window=window)
+    got, got_grid = pool_windows(tokens.index_select(2, window.index), window, conv)
     assert got_grid == want_grid
     torch.testing.assert_close(got, want)
     gy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
@@ -480,15 +481,15 @@ def test_kv_windows_pooling_equals_pooling_every_token(grid, kernel, stride, pad
         torch.testing.assert_close(g, w)
 
 
-def test_kv_windows_cached_under_inference_mode_serves_training():
+def test_pooling_windows_cached_under_inference_mode_serves_training():
     """The index is cached: made first under inference_mode (evaluation), it must still serve a training step."""
-    from mvit.model import kv_windows
+    from mvit.fast import pooling_windows
 
     args = ((2, 8, 12), (3, 3, 3), (1, 4, 4), (1, 1, 1))
-    kv_windows.cache_clear()
+    pooling_windows.cache_clear()
     with torch.inference_mode():
-        kv_windows(*args)
-    index = kv_windows(*args).index
+        pooling_windows(*args)
+    index = pooling_windows(*args).index
     assert not index.is_inference()
     x = torch.randn(1, 1 + 2 * 8 * 12, 4, requires_grad=True)
     x.index_select(1, index).sum().backward()
@@ -498,13 +499,15 @@ def test_kv_windows_cached_under_inference_mode_serves_training():
 def test_class_token_only_attention_with_kv_windows():
     """The last block's class-token-only path with K/V windows (MViT-B's first block as if it were last)
     equals the class token's row of the full attention."""
+    from mvit.fast import class_token_attention, kv_pooling_windows
+
     torch.manual_seed(0)
     model = mvit.create_model("mvit_b_16x4", input_size=(4, 64, 64)).train()
     attn = model.blocks[0].attn
     grid = (2, 16, 16)
-    assert attn._kv_windows(grid) is not None
+    assert kv_pooling_windows(attn, grid) is not None
     x = torch.randn(2, 1 + math.prod(grid), 96, requires_grad=True)
-    cls_out, _ = attn(x, grid, cls_only=True)
+    cls_out = class_token_attention(attn, x, grid)
     full_out, _ = attn(x, grid)
     torch.testing.assert_close(cls_out, full_out[:, :1])
     (g_cls,) = torch.autograd.grad(cls_out.sum(), x)
@@ -512,12 +515,43 @@ def test_class_token_only_attention_with_kv_windows():
     torch.testing.assert_close(g_cls, g_full)
 
 
-def test_kv_windows_none_where_every_token_is_read():
-    from mvit.model import kv_windows
+@pytest.mark.parametrize("name", ["mvit_debug", "mvitv2_debug"])
+def test_class_token_only_block_equals_the_full_block_on_every_block(name):
+    """class_token_only_block on every block (MViT.forward runs it on the last one only), so that its skip
+    branches run too: the projection where v1 widens in the MLP or v2 in the attention, and Q strides (whose
+    max-pooled skip passes the class token through): the class token's row of the full block, forward and
+    backward (float64, fast paths on)."""
+    from mvit.fast import class_token_only_block
 
-    assert kv_windows((8, 28, 28), (3, 3, 3), (1, 2, 2), (1, 1, 1)) is None  # overlapping windows
-    assert kv_windows((8, 28, 28), (3, 3, 3), (1, 1, 1), (1, 1, 1)) is None
-    assert kv_windows((4, 9, 9), (1, 3, 3), (1, 3, 3), (0, 0, 0)) is None  # windows tile the grid
+    model = model_for(name).train().double()
+    for blk in model.blocks:
+        blk.drop_path.p = 0.0
+    x = clip(model).double()
+    with torch.no_grad():
+        tokens, grid = model.embed(x)
+    gen = torch.Generator().manual_seed(2)
+    for i, blk in enumerate(model.blocks):
+        tokens = tokens.detach().requires_grad_(True)
+        got = class_token_only_block(blk, tokens, grid)
+        full, next_grid = blk(tokens, grid)
+        want = full[:, :1]
+        assert_same_math(got, want, f"block {i} output")
+        gy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        names, params = zip(*blk.named_parameters())
+        wrt = (tokens, *params)
+        g_got = torch.autograd.grad(got, wrt, gy, materialize_grads=True)
+        g_want = torch.autograd.grad(want, wrt, gy, materialize_grads=True)
+        for n, a, b in zip(("tokens", *names), g_got, g_want):
+            assert_same_math(a, b, f"block {i} gradient of {n}")
+        tokens, grid = full.detach(), next_grid
+
+
+def test_pooling_windows_none_where_every_token_is_read():
+    from mvit.fast import pooling_windows
+
+    assert pooling_windows((8, 28, 28), (3, 3, 3), (1, 2, 2), (1, 1, 1)) is None  # overlapping windows
+    assert pooling_windows((8, 28, 28), (3, 3, 3), (1, 1, 1), (1, 1, 1)) is None
+    assert pooling_windows((4, 9, 9), (1, 3, 3), (1, 3, 3), (0, 0, 0)) is None  # windows tile the grid
 
 
 def test_mvit_b_first_stages_project_only_the_pooled_keys_and_values():
