@@ -25,7 +25,7 @@ from pipelines.config import read_yaml_file
 from pipelines.data import storage
 
 # What a model needs from a checkpoint: weights in any layout mvit reads, our model config when present.
-_WEIGHT_KEYS = ("model", "config", "format", "model_name", "model_state", "state_dict")
+_WEIGHT_KEYS = ("model", "config", "format", "model_name", "model_state", "state_dict", "label_map")
 
 
 @dataclass
@@ -118,15 +118,25 @@ def read_init_weights(uri: str, tracking_uri: str = "") -> InitWeights:
         return InitWeights(_read_file(local, uri), uri)
 
 
-def describe(model, state: dict[str, Any]) -> InitReport:
-    """Which of `model`'s tensors came from `state` (any layout) and which are new (a resized head)."""
+def head_is_new(state: dict[str, Any], label_map: dict[str, int]) -> bool:
+    """A checkpoint of ours knows its classes: its head is re-initialised when they are not the run's (even
+    with as many of them), since its rows would name other classes. Official / torchvision weights carry no
+    label map: their head is kept when its size fits."""
+    return bool(state.get("label_map")) and dict(state["label_map"]) != dict(label_map)
+
+
+def describe(model, state: dict[str, Any], label_map: dict[str, int]) -> InitReport:
+    """Which of `model`'s tensors came from `state` (any layout) and which are new (the head, when the class
+    set differs)."""
     from mvit import checkpoint as ckpt
 
     weights, _, where = ckpt.read_checkpoint(state)
     weights = ckpt.to_mvit_keys(weights, where)
+    reset = head_is_new(state, label_map)
     loaded, new = [], []
     for name, value in model.state_dict().items():
-        same_head = not name.startswith("head.") or (name in weights and weights[name].shape == value.shape)
+        head = name.startswith("head.")
+        same_head = not head or (not reset and name in weights and weights[name].shape == value.shape)
         (loaded if name in weights and same_head else new).append(name)
     return InitReport(loaded, new)
 

@@ -56,7 +56,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     # Fine-tuning: the weights are read here, once, checked against the run's model (a wrong architecture
     # fails before any worker starts), and handed to the workers through the object store.
     weights = init.read_init_weights(cfg.init_checkpoint, tracking_uri) if cfg.init_checkpoint else None
-    report = init.describe(build_model(cfg, len(manifest.label_map), weights.state), weights.state) if weights else None
+    report = init.describe(build_model(cfg, manifest.label_map, weights.state), weights.state,
+                           manifest.label_map) if weights else None
     run_id = tracking.open_run(cfg, manifest, run_dir)
     if weights:
         print(f"[train] init from {weights.source} {weights.lineage or ''}: {len(report.loaded)} tensors loaded, "

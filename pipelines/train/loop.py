@@ -24,19 +24,23 @@ from pipelines.data.loader import rank_shards, train_loader
 from pipelines.data.shards import read_manifest
 from pipelines.scoring import all_reduce_sum, precision_context, score_videos
 from pipelines.tracking import MlflowTracker, NullTracker
-from pipelines.train import optim
+from pipelines.train import init, optim
 from pipelines.train.config import TrainConfig
 from pipelines.train.objective import Targets, soft_target_cross_entropy
 
 
-def build_model(cfg: TrainConfig, num_classes: int, init_state: dict | None = None) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, label_map: dict[str, int], init_state: dict | None = None) -> torch.nn.Module:
     """The run's model at the recipe's input size (T x crop x crop, or crop x crop for the image
-    variants), from `init_state` (the weights the driver read, see init.py) when fine-tuning."""
+    variants), from `init_state` (the weights the driver read, see init.py) when fine-tuning: a head
+    trained on other classes is re-initialised."""
+    num_classes = len(label_map)
     crop = (cfg.clip.crop_size, cfg.clip.crop_size)
     overrides = {"input_size": (cfg.clip.num_frames, *crop) if mvit.get_config(cfg.model).is_video else crop}
     if cfg.drop_path_rate >= 0:
         overrides["drop_path_rate"] = cfg.drop_path_rate
     model = mvit.create_model(cfg.model, num_classes=num_classes, checkpoint=init_state, **overrides)
+    if init_state is not None and init.head_is_new(init_state, label_map):
+        model.reset_classifier(num_classes)
     if cfg.activation_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.optim.freeze_backbone:
@@ -68,7 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = max(1, manifest.split_samples("train") // global_batch)  # optimizer steps
 
     init_state = ray.get(loop_config["init_weights"]) if loop_config.get("init_weights") is not None else None
-    model = ray.train.torch.prepare_model(build_model(cfg, num_classes, init_state))
+    model = ray.train.torch.prepare_model(build_model(cfg, manifest.label_map, init_state))
     del init_state
     # From here torch's generator drives drop-path: a stream per rank, not the same masks on every rank.
     torch.manual_seed(cfg.seed * 1009 + rank + 1)
