@@ -137,3 +137,11 @@ def test_clip_keys_are_checked_by_name():
 def test_checkpoints_with_scalar_mean_and_std_still_load():
     clip = C.clip_config_from_stored({"num_frames": 8, "mean": 0.45, "std": 0.225})
     assert clip.mean == [0.45] and clip.std == [0.225] and clip.num_frames == 8
+
+
+def test_rand_augment_runs_before_the_crop_for_videos_unless_asked_and_after_it_for_images():
+    clip = ClipConfig(rand_augment=RandAugmentConfig(enabled=True, ops=["Brightness"]))
+    assert C.train_augment(clip).rand_augment_first and not C.train_augment(clip, image=True).rand_augment_first
+    late = ClipConfig(rand_augment=RandAugmentConfig(enabled=True, after_crop=True))
+    assert not C.train_augment(late).rand_augment_first
+    assert C.train_augment(clip).rand_augment_ops == ("Brightness",)
