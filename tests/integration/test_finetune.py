@@ -55,6 +55,7 @@ def _first_epoch_at_goal(history: list[float]) -> int:
     return next((epoch for epoch, top1 in enumerate(history) if top1 >= GOAL), len(history))
 
 
+@pytest.mark.timeout(2400)  # three training runs: over pytest's 600 s on this shared 2-core machine under load
 def test_registered_model_initialises_a_run_on_other_classes(services, ray_session, tmp_path):
     # Set A (pre-training): the demo's 8 directions at speed 1, 100 videos each. Set B: the 4 axis-aligned
     # directions at speed 2, 30 videos each, under their own names: another class set and class count, and
