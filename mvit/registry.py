@@ -62,6 +62,23 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         drop_path_rate=0.1,
         head_dropout=0.0,
     ),
+    # The image variant's 2-D path (joint position embedding, 2-D pooling) at debug size: 32x32 images ->
+    # 8x8 tokens, widths 32 -> 64 -> 128 (for tests and the image training path on CPU).
+    "mvit_image_debug": dict(
+        embed_dim=32,
+        depths=(1, 2, 1),
+        input_size=(32, 32),
+        patch_kernel=(7, 7),
+        patch_stride=(4, 4),
+        patch_padding=(3, 3),
+        q_stride=(2, 2),
+        kv_stride=(2, 2),
+        pool_kernel=(3, 3),
+        sep_pos_embed=False,
+        num_classes=10,
+        drop_path_rate=0.1,
+        head_dropout=0.0,
+    ),
     "mvitv2_debug": dict(
         version=2,
         embed_dim=32,

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from pipelines.config import from_dict, redact
+from pipelines.config import redact
 from pipelines.data import storage
-from pipelines.data.clips import ClipConfig
+from pipelines.data.clips import ClipConfig, clip_config_from_stored
 
 CHECKPOINT_FILE = "model.pt"
 # Written by `mvit train` into its run directory (<storage_path>/<run_name>/) when it finishes: the final
@@ -136,7 +136,7 @@ class TrainedModel:
             raise ValueError("the checkpoint carries no model config; it was not written by `mvit train`")
         model = load_model(state)  # built from the stored MViTConfig, weights loaded strictly
         train_config = state.get("train_config", {})
-        clip = from_dict(ClipConfig, train_config.get("clip", {}), origin="checkpoint train_config.clip")
+        clip = clip_config_from_stored(train_config.get("clip", {}))
         return cls(model.eval(), state.get("model_name", ""), dict(state["label_map"]), clip, train_config,
                    int(state.get("step", 0)))
 

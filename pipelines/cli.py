@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipelines.commands import convert, evaluate_ava, flops, jobs, predict, shards, submit, workflow
-from pipelines.config import ConfigError, load_config, print_effective, split_config_args
+from pipelines.config import ConfigError, effective_yaml, load_config, print_effective, split_config_args
 from pipelines.stages import STAGES, Stage
 
 STAGE_HELP = (
@@ -24,10 +24,13 @@ def _stage(sub, stage: Stage) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
 
     def run(ns) -> int:
-        cfg = load_config(stage.config, *split_config_args(ns.args), section=stage.name)
-        print_effective(stage.name, cfg)
-        if ns.print_config:
+        path, overrides = split_config_args(ns.args)
+        if ns.print_config:  # also without the required keys: a recipe can be read and diffed on its own
+            text = effective_yaml(stage.config, path, overrides, section=stage.name)
+            print(f"# effective {stage.name} config\n{text}", end="", flush=True)
             return 0
+        cfg = load_config(stage.config, path, overrides, section=stage.name)
+        print_effective(stage.name, cfg)
         result = stage.run(cfg)
         print(json.dumps(result.to_dict(), sort_keys=True), flush=True)
         return 0

@@ -72,6 +72,42 @@ def load_config(
     """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides.
     One file can hold every stage's config under stage-named sections (STAGE_SECTIONS): when it does,
     only the `section` mapping is read (a stage without a section gets its defaults)."""
+    merged = _merged(cls, path, overrides, section)
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, cls, "override" if overrides else (str(path) if path is not None else "")) from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj  # type: ignore[return-value]
+
+
+def effective_yaml(
+    cls: type, path: str | Path | None = None, overrides: list[str] | None = None, *, section: str | None = None
+) -> str:
+    """The effective config as printed (`--print-config`), also when required keys are not set yet (they
+    print as ???, listed in a comment), so a recipe can be read and diffed without a dataset. Types and
+    unknown keys are checked as by `load_config`; value checks (`validate`) run once nothing is missing."""
+    merged = _merged(cls, path, overrides, section)
+    data = OmegaConf.to_container(merged, throw_on_missing=False)  # a missing value reads as "???"
+    missing = [key for key, value in _leaves(data) if value == "???"]
+    if not missing:
+        return to_yaml(load_config(cls, path, overrides, section=section))
+    note = f"# required, not set: {', '.join(missing)}\n"
+    return note + yaml.safe_dump(redact(data), sort_keys=False)
+
+
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested dict."""
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        out += _leaves(value, f"{name}.") if isinstance(value, dict) else [(name, value)]
+    return out
+
+
+def _merged(cls: type, path: str | Path | None, overrides: list[str] | None, section: str | None):
     merged = OmegaConf.structured(cls)
     if path is not None:
         path = Path(path)
@@ -91,14 +127,9 @@ def load_config(
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
-        obj = OmegaConf.to_object(merged)
+        return OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise _explain(exc, cls, "override" if overrides else (str(path) if path is not None else "")) from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj  # type: ignore[return-value]
 
 
 def from_dict(cls: type[T], data: dict[str, Any], origin: str = "stored config") -> T:

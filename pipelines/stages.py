@@ -135,8 +135,8 @@ STAGES: dict[str, Stage] = {
             name="evaluate", asset="evaluation", help="multi-view top-1/top-5 of a checkpoint on a split",
             config=EvaluateConfig, result=EvaluateResult, run=_evaluate,
             wired={"dataset": "workflow.dataset", "checkpoint": None, "mlflow_run_id": None},
-            not_affecting_output=(),
-            data_version=lambda r: _digest(r.to_dict()),
+            not_affecting_output=EvaluateConfig.NOT_AFFECTING_OUTPUT,
+            data_version=lambda r: _digest({k: v for k, v in r.to_dict().items() if k != "videos_per_s"}),
             output_missing=_evaluation_missing,
         ),
         Stage(

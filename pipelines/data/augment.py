@@ -90,15 +90,25 @@ RAND_AUGMENT_MAX_LEVEL = 10
 _BINS_PER_LEVEL = 10
 
 
+RAND_AUGMENT_OPS = tuple(v2.RandAugment._AUGMENTATION_SPACE)  # torchvision's op names (Identity, ShearX, ...)
+
+
 @functools.lru_cache(maxsize=None)
-def _one_rand_augment_op(index: int, fill: int) -> v2.RandAugment:
+def _one_rand_augment_op(index: int, fill: int, ops: tuple[str, ...] = ()) -> v2.RandAugment:
     # Tensor affine/rotate support nearest and bilinear only (the official PIL code samples bicubic).
-    return v2.RandAugment(num_ops=1, magnitude=index, num_magnitude_bins=RAND_AUGMENT_MAX_LEVEL * _BINS_PER_LEVEL + 1,
-                          interpolation=InterpolationMode.BILINEAR, fill=fill)
+    op = v2.RandAugment(num_ops=1, magnitude=index, num_magnitude_bins=RAND_AUGMENT_MAX_LEVEL * _BINS_PER_LEVEL + 1,
+                        interpolation=InterpolationMode.BILINEAR, fill=fill)
+    if ops:  # a subset: v2.RandAugment draws uniformly from the (instance's) table of ops
+        unknown = sorted(set(ops) - set(RAND_AUGMENT_OPS))
+        if unknown:
+            raise ValueError(f"unknown RandAugment op(s) {unknown}; torchvision's are {list(RAND_AUGMENT_OPS)}")
+        op._AUGMENTATION_SPACE = {name: v2.RandAugment._AUGMENTATION_SPACE[name] for name in ops}
+    return op
 
 
 def rand_augment(clip: torch.Tensor, generator: torch.Generator, *, magnitude: float = 7.0, num_ops: int = 4,
-                 magnitude_std: float = 0.5, op_prob: float = 0.5, fill: int = 128) -> torch.Tensor:
+                 magnitude_std: float = 0.5, op_prob: float = 0.5, fill: int = 128,
+                 ops: Sequence[str] = ()) -> torch.Tensor:
     """RandAugment rand-m7-n4-mstd0.5 on a uint8 clip (T, C, H, W) or image (C, H, W), the same ops and
     magnitudes on every frame.
 
@@ -107,7 +117,8 @@ def rand_augment(clip: torch.Tensor, generator: torch.Generator, *, magnitude: f
     pixels (rotate, shear, translate) filled with `fill` (128). Each op is a one-op v2.RandAugment at
     the level mapped onto its bins (see _BINS_PER_LEVEL). v2's op set differs from timm's: it has
     Identity where timm has Invert and SolarizeAdd, and its Posterize keeps 8..4 bits (5 at level 7)
-    where the official "inc1" one keeps 4..0 (2 at level 7).
+    where the official "inc1" one keeps 4..0 (2 at level 7). `ops` restricts the draw to a subset of
+    RAND_AUGMENT_OPS (empty: all), for data whose label a geometric op would change.
     """
     if clip.dtype != torch.uint8:
         raise TypeError(f"rand_augment takes uint8 frames (before normalisation), got {clip.dtype}")
@@ -118,7 +129,7 @@ def rand_augment(clip: torch.Tensor, generator: torch.Generator, *, magnitude: f
             continue
         level = min(max(magnitude + magnitude_std * float(noise), 0.0), float(RAND_AUGMENT_MAX_LEVEL))
         with _global_rng_from(generator):
-            clip = _one_rand_augment_op(round(level * _BINS_PER_LEVEL), fill)(clip)
+            clip = _one_rand_augment_op(round(level * _BINS_PER_LEVEL), fill, tuple(ops))(clip)
     return clip
 
 
@@ -160,6 +171,13 @@ def short_side_jitter_crop(clip: torch.Tensor, size: int, generator: torch.Gener
                            v2.RandomCrop(size)])(clip)
 
 
+def random_crop(clip: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A size x size crop at a uniformly random position (padded with zeros where the frame is smaller),
+    the same on every frame: the small recipes' crop (no rescaling, the scale of the stored video)."""
+    with _global_rng_from(generator):
+        return v2.RandomCrop(size, pad_if_needed=True)(clip)
+
+
 def random_horizontal_flip(clip: torch.Tensor, generator: torch.Generator, *, p: float = 0.5) -> torch.Tensor:
     """Mirror every frame of the clip with probability `p` (off for direction-sensitive data: SSv2)."""
     with _global_rng_from(generator):
@@ -173,6 +191,9 @@ def normalize(clip: torch.Tensor, mean: float | Sequence[float], std: float | Se
     return clip.float().div_(255).sub_(mean_t).div_(std_t)
 
 
+CROPS = ("random_resized", "short_side_jitter", "random")
+
+
 @dataclass(frozen=True)
 class TrainAugment:
     """One training clip's (or image's) augmentations, defaults = the Kinetics recipe:
@@ -184,7 +205,7 @@ class TrainAugment:
     """
 
     crop_size: int = 224
-    crop: str = "random_resized"  # random_resized (Kinetics, ImageNet) | short_side_jitter (SSv2)
+    crop: str = "random_resized"  # random_resized (Kinetics, ImageNet) | short_side_jitter (SSv2) | random
     min_scale: float = 0.08  # random_resized: area share range [min_scale, 1]
     aspect: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized
     short_side: tuple[int, int] = (256, 320)  # short_side_jitter
@@ -193,27 +214,30 @@ class TrainAugment:
     magnitude: float = 7.0
     num_ops: int = 4
     magnitude_std: float = 0.5
+    rand_augment_ops: tuple[str, ...] = ()  # a subset of RAND_AUGMENT_OPS; () = all
     rand_augment_first: bool = True
     erase_prob: float = 0.25
     mean: float | tuple[float, ...] = 0.45
     std: float | tuple[float, ...] = 0.225
 
     def __post_init__(self):
-        if self.crop not in ("random_resized", "short_side_jitter"):
-            raise ValueError(f"crop must be random_resized or short_side_jitter, got {self.crop!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
 
     def _rand_augment(self, clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if not self.rand_augment:
             return clip
         return rand_augment(clip, generator, magnitude=self.magnitude, num_ops=self.num_ops,
-                            magnitude_std=self.magnitude_std)
+                            magnitude_std=self.magnitude_std, ops=self.rand_augment_ops)
 
     def __call__(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         clip = self._rand_augment(frames, generator) if self.rand_augment_first else frames
         if self.crop == "random_resized":
             clip = random_resized_crop(clip, self.crop_size, generator, scale=(self.min_scale, 1.0), ratio=self.aspect)
-        else:
+        elif self.crop == "short_side_jitter":
             clip = short_side_jitter_crop(clip, self.crop_size, generator, short_side=self.short_side)
+        else:
+            clip = random_crop(clip, self.crop_size, generator)
         if self.horizontal_flip:
             clip = random_horizontal_flip(clip, generator)
         if not self.rand_augment_first:

@@ -6,13 +6,17 @@ the endless stream at a fixed number of batches, so every rank runs the same num
 needs equal step counts, and shards of unequal size would otherwise leave one rank waiting.
 
 The training stream is a function of its seed: shard draws, the shuffle buffer, the temporal offsets
-and the random crops all come from generators seeded by (seed, DataLoader worker), so a run can be
-repeated and a bad one investigated. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
+and every augmentation draw (crops, flips, RandAugment, erasing) come from generators seeded by (seed,
+DataLoader worker), so a run can be repeated and a bad one investigated. With repeated augmentation
+(`clip.repeated_augment` = k) each decoded sample gives k clips: a batch of `batch_size` samples holds
+batch_size x k clips, copy-major (all first copies, then all second copies), so that MixUp/CutMix, which
+pairs clip i with clip i-1, mixes clips of different videos. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
 in the time and os.urandom, so two runs of the same recipe saw different data.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from typing import Iterator
@@ -20,8 +24,8 @@ from typing import Iterator
 import torch
 import webdataset as wds
 
-from pipelines.data.clips import ClipConfig, eval_views, train_clip, train_transform
-from pipelines.data.shards import MEDIA_KEY, read_samples, sample_metadata, tar_samples
+from pipelines.data.clips import ClipConfig, eval_views, train_augment, train_clips
+from pipelines.data.shards import IMAGE_KEY, MEDIA_KEY, read_samples, sample_metadata, tar_samples
 
 
 def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
@@ -38,6 +42,21 @@ def _worker_rng(seed: int, purpose: str) -> random.Random:
     # Each DataLoader worker copies the dataset; a generator built at construction would hand every
     # worker the same stream (the same shuffle picks, the same temporal offsets).
     return random.Random(f"{seed}/{purpose}/{_loader_worker()[0]}")
+
+
+def _worker_generator(seed: int, purpose: str) -> torch.Generator:
+    """A torch generator per (seed, purpose, DataLoader worker), made in the worker that uses it."""
+    digest = hashlib.sha256(f"{seed}/{purpose}/{_loader_worker()[0]}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def sample_media(sample: dict) -> tuple[bytes, bool]:
+    """(the sample's media bytes, whether it is an image): `mp4` video or `jpg` image samples."""
+    if MEDIA_KEY in sample:
+        return sample[MEDIA_KEY], False
+    if IMAGE_KEY in sample:
+        return sample[IMAGE_KEY], True
+    raise KeyError(f"sample {sample.get('__key__')} has neither {MEDIA_KEY!r} nor {IMAGE_KEY!r} (fields: {sorted(sample)})")
 
 
 def _shuffled(bufsize: int, seed: int, initial: int = 64):
@@ -61,18 +80,17 @@ def _shuffled(bufsize: int, seed: int, initial: int = 64):
 
 def _decoded(clip: ClipConfig, seed: int):
     def stage(samples):
-        rng = _worker_rng(seed, "clip")
-        # torchvision's random crops draw from torch's global generator, which the training loop seeds
-        # alike on every rank (identical initial weights): the crops get a state per (seed, worker) instead.
-        crop_state = torch.Generator().manual_seed(rng.getrandbits(63)).get_state()
-        transform = train_transform(clip)
+        # One generator per (seed, DataLoader worker) drives the temporal sampling and every augmentation
+        # draw; the global one (which the training loop seeds alike on every rank) is left alone.
+        generator = _worker_generator(seed, "clip")
+        transforms = {}
         for sample in samples:
-            frames = int(sample_metadata(sample)["frames"])
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(crop_state)
-                video = train_clip(sample[MEDIA_KEY], frames, clip, transform, rng)
-                crop_state = torch.get_rng_state()
-            yield video, int(sample["cls"]), sample["__key__"]
+            media, image = sample_media(sample)
+            if image not in transforms:
+                transforms[image] = train_augment(clip, image=image)
+            frames = 1 if image else int(sample_metadata(sample)["frames"])
+            clips = train_clips(media, frames, clip, transforms[image], generator, image=image)
+            yield clips, int(sample["cls"]), sample["__key__"]
     return stage
 
 
@@ -86,8 +104,11 @@ def _epoch_share(steps_per_epoch: int):
 
 
 def _collate(batch):
+    """(k, ...) clips of B samples -> (k * B, ...) copy-major, with labels and keys repeated alike."""
     clips, labels, keys = zip(*batch)
-    return torch.stack(clips), torch.tensor(labels), list(keys)
+    stacked = torch.stack(clips)  # (B, k, ...)
+    copies = stacked.shape[1]
+    return (stacked.transpose(0, 1).flatten(0, 1), torch.tensor(labels).repeat(copies), list(keys) * copies)
 
 
 def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_epoch: int, *,
@@ -106,11 +127,16 @@ def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_e
     return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers)
 
 
-def eval_samples(urls: list[str], clip: ClipConfig, views: int) -> Iterator[tuple[torch.Tensor, int, str]]:
-    """Every sample of `urls` once, in order (no resampling)."""
+def sample_views(sample: dict, clip: ClipConfig, temporal: int | None = None, spatial: int | None = None) -> torch.Tensor:
+    """The test views of one stored sample (see clips.eval_views; None: the recipe's views)."""
+    media, image = sample_media(sample)
+    frames = None if image else int(sample_metadata(sample)["frames"])
+    return eval_views(media, clip, temporal, frames, spatial=spatial, image=image)
+
+
+def eval_samples(urls: list[str], clip: ClipConfig, temporal: int | None = None, spatial: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, int, str]]:
+    """(views, label, key) of every sample of `urls` once, in order (no resampling)."""
     if not urls:
         return iter(())
-    return (
-        (eval_views(s[MEDIA_KEY], clip, views, int(sample_metadata(s)["frames"])), int(s["cls"]), s["__key__"])
-        for s in read_samples(urls)
-    )
+    return ((sample_views(s, clip, temporal, spatial), int(s["cls"]), s["__key__"]) for s in read_samples(urls))

@@ -96,3 +96,51 @@ def generate(out_dir: str | Path, spec: SyntheticSpec, workers: int | None = Non
         writer.writerow(["path", "label"])
         writer.writerows((path, path.split("/", 1)[0]) for path in paths)
     return csv_path
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+TEXTURE_NAMES = ["horizontal", "vertical", "checker", "diagonal"]
+
+
+def render_image(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: a texture whose kind is the class (stripes across / down, a checkerboard, diagonal
+    stripes either way), with random period, phase, colours and noise. Kinds survive a horizontal flip,
+    crops and the recipes' RandAugment (rotations up to ~30 degrees), so the image recipe's augmentations
+    keep the label."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = rng.uniform(6, 12)
+    phase = rng.uniform(0, period, size=2)
+    across = ((yy + phase[0]) // (period / 2)) % 2
+    down = ((xx + phase[1]) // (period / 2)) % 2
+    if TEXTURE_NAMES[label] == "horizontal":
+        mask = across
+    elif TEXTURE_NAMES[label] == "vertical":
+        mask = down
+    elif TEXTURE_NAMES[label] == "checker":
+        mask = (across + down) % 2
+    else:
+        sign = 1 if rng.random() < 0.5 else -1
+        mask = (((xx + sign * yy + phase[0]) / np.sqrt(2)) // (period / 2)) % 2
+    a, b = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
+    while np.abs(a.astype(int) - b).sum() < 150:  # two colours far enough apart to see the texture
+        b = rng.integers(0, 256, size=3)
+    image = np.where(mask[..., None] > 0, a, b).astype(np.float32) + rng.normal(0, 8, size=(size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def generate_images(out_dir: str | Path, *, images_per_class: int = 60, size: int = 48, seed: int = 0,
+                    val_fraction: float = 0.25) -> Path:
+    """An ImageNet-style folder `<out>/{train,val}/<kind>/<kind>_<i>.jpg` of the texture classes
+    (`mvit preprocess source_format=imagefolder` turns it into `jpg` shards). Returns `out`."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    val_count = int(round(images_per_class * val_fraction))
+    for label, name in enumerate(TEXTURE_NAMES):
+        for i in range(images_per_class):
+            split = "val" if i < val_count else "train"
+            path = out / split / name / f"{name}_{i:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_image(label, np.random.default_rng([seed, label, i]), size)).save(path, quality=95)
+    return out

@@ -10,8 +10,9 @@ from pipelines.config import StageResult
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, read_manifest
 from pipelines.raycluster import ensure_ray
+from pipelines.train import init
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.loop import build_model, train_loop_per_worker
 
 
 @dataclass
@@ -31,12 +32,14 @@ def _checkpoint_uri(checkpoint, storage_path: str) -> str:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Ray Train workers do not run in the caller's directory: local paths are resolved here, once.
+    mlflow_uri = cfg.init_checkpoint.startswith(("models:/", "runs:/"))
     cfg = replace(cfg, dataset=storage.absolute(cfg.dataset), storage_path=storage.absolute(cfg.storage_path),
-                  init_checkpoint=storage.absolute(cfg.init_checkpoint))
+                  init_checkpoint=cfg.init_checkpoint if mlflow_uri else storage.absolute(cfg.init_checkpoint))
     manifest = read_manifest(cfg.dataset)
     train_shards = len(manifest.shard_urls(cfg.dataset, "train"))
     if train_shards < cfg.num_workers:
@@ -50,13 +53,24 @@ def run(cfg: TrainConfig) -> TrainResult:
     run_name = cfg.resolved_run_name()
     run_dir = storage.join(cfg.storage_path, run_name)
     tracking_uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
+    # Fine-tuning: the weights are read here, once, checked against the run's model (a wrong architecture
+    # fails before any worker starts), and handed to the workers through the object store.
+    weights = init.read_init_weights(cfg.init_checkpoint, tracking_uri) if cfg.init_checkpoint else None
+    report = init.describe(build_model(cfg, manifest.label_map, weights.state), weights.state,
+                           manifest.label_map) if weights else None
     run_id = tracking.open_run(cfg, manifest, run_dir)
+    if weights:
+        print(f"[train] init from {weights.source} {weights.lineage or ''}: {len(report.loaded)} tensors loaded, "
+              f"new: {report.new or 'none'}", flush=True)
+        init.record_lineage(weights, report, tracking.client(tracking_uri), run_id)
 
     ensure_ray(cfg.ray)
+    weights_ref = ray.put(weights.state) if weights else None
     filesystem, path = storage.pyarrow_filesystem(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "run_id": run_id, "tracking_uri": tracking_uri, "run_dir": run_dir},
+        train_loop_config={"cfg": cfg, "run_id": run_id, "tracking_uri": tracking_uri, "run_dir": run_dir,
+                           "init_weights": weights_ref},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,

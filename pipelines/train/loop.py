@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import mvit
 from pipelines import artifact
@@ -26,46 +25,28 @@ from pipelines.data.shards import read_manifest
 from pipelines.raycluster import quiet_train_worker_logs
 from pipelines.scoring import all_reduce_sum, precision_context, score_videos
 from pipelines.tracking import MlflowTracker, NullTracker
+from pipelines.train import init, optim
 from pipelines.train.config import TrainConfig
+from pipelines.train.objective import Targets, soft_target_cross_entropy
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    overrides = {"input_size": (cfg.clip.num_frames, cfg.clip.crop_size, cfg.clip.crop_size)}
+def build_model(cfg: TrainConfig, label_map: dict[str, int], init_state: dict | None = None) -> torch.nn.Module:
+    """The run's model at the recipe's input size (T x crop x crop, or crop x crop for the image
+    variants), from `init_state` (the weights the driver read, see init.py) when fine-tuning: a head
+    trained on other classes is re-initialised."""
+    num_classes = len(label_map)
+    crop = (cfg.clip.crop_size, cfg.clip.crop_size)
+    overrides = {"input_size": (cfg.clip.num_frames, *crop) if mvit.get_config(cfg.model).is_video else crop}
     if cfg.drop_path_rate >= 0:
         overrides["drop_path_rate"] = cfg.drop_path_rate
-    model = mvit.create_model(
-        cfg.model, num_classes=num_classes, checkpoint=cfg.init_checkpoint or None, **overrides
-    )
+    model = mvit.create_model(cfg.model, num_classes=num_classes, checkpoint=init_state, **overrides)
+    if init_state is not None and init.head_is_new(init_state, label_map):
+        model.reset_classifier(num_classes)
     if cfg.activation_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.optim.freeze_backbone:
+        optim.freeze_backbone(model)
     return model
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D parameters (norms, biases) and embeddings, as in the official recipe."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Linear warmup then cosine decay to min_lr, stepped per iteration (torch schedulers)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(total - 1, int(round(cfg.optim.warmup_epochs * steps_per_epoch)))
-    base_lr = optimizer.param_groups[0]["lr"]
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total - warmup), eta_min=min(cfg.optim.min_lr, base_lr)
-    )
-    if warmup <= 0:
-        return cosine
-    linear = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=cfg.optim.warmup_start_factor, total_iters=warmup
-    )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -87,15 +68,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     num_classes = len(manifest.label_map)
     train_urls = rank_shards(manifest.shard_urls(cfg.dataset, "train"), rank, world)
     val_urls = rank_shards(manifest.shard_urls(cfg.dataset, "val"), rank, world)
-    global_batch = cfg.batch_size * world
-    steps_per_epoch = max(1, manifest.split_samples("train") // global_batch)
+    # Gradient accumulation keeps the recipe's global batch (videos per optimizer step) on fewer workers.
+    accumulate = optim.accumulation_steps(cfg.optim.global_batch, cfg.batch_size, world)
+    global_batch = cfg.batch_size * world * accumulate
+    steps_per_epoch = max(1, manifest.split_samples("train") // global_batch)  # optimizer steps
 
-    model = ray.train.torch.prepare_model(build_model(cfg, num_classes))
+    init_state = ray.get(loop_config["init_weights"]) if loop_config.get("init_weights") is not None else None
+    model = ray.train.torch.prepare_model(build_model(cfg, manifest.label_map, init_state))
+    del init_state
     # From here torch's generator drives drop-path: a stream per rank, not the same masks on every rank.
     torch.manual_seed(cfg.seed * 1009 + rank + 1)
-    lr = cfg.optim.lr * global_batch / cfg.optim.lr_batch
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(0.9, 0.999))
-    scheduler = build_schedule(optimizer, cfg, steps_per_epoch)
+    lr = optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, global_batch)
+    optimizer = optim.build_optimizer(model, cfg.optim, lr)
+    scheduler = optim.build_schedule(optimizer, cfg.optim, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, base_lr=lr)
+    accumulator = optim.GradientAccumulator(model, optimizer, scheduler, accumulate, cfg.optim.grad_clip)
     start_epoch, step = 0, 0
 
     checkpoint = ray.train.get_checkpoint()
@@ -119,34 +105,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_metrics_once(state["epoch_metrics"], step)
     seen_keys: set[str] = set()
     for epoch in range(start_epoch, cfg.epochs):
+        data_seed = cfg.seed * 100_003 + epoch * 1009 + rank
         loader = train_loader(
-            train_urls, cfg.clip, cfg.batch_size, steps_per_epoch,
-            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed * 100_003 + epoch * 1009 + rank,
-            loader_workers=cfg.loader_workers,
+            train_urls, cfg.clip, cfg.batch_size, steps_per_epoch * accumulate,
+            shuffle_buffer=cfg.shuffle_buffer, seed=data_seed, loader_workers=cfg.loader_workers,
         )
+        # soft targets: label smoothing, and MixUp/CutMix when on (its draws: per (seed, epoch, rank))
+        targets = Targets(num_classes, cfg.mixup, cfg.optim.label_smoothing, torch.Generator().manual_seed(data_seed))
         model.train()
         epoch_loss, epoch_steps = 0.0, 0
         window_start, window_clips = time.perf_counter(), 0
         for clips, labels, keys in loader:
-            clips, labels = clips.to(device), labels.to(device)
-            with precision_context(cfg.precision, device):
-                logits = model(clips)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
+            clips, soft = targets(clips, labels)
+            with accumulator.micro_batch():
+                with precision_context(cfg.precision, device):
+                    logits = model(clips.to(device))
+                loss = soft_target_cross_entropy(logits, soft.to(device))
+                accumulator.backward(loss)
             loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}")
             epoch_loss += loss_value
             epoch_steps += 1
             window_clips += len(keys) * world
             if cfg.audit_sample_keys:
                 seen_keys.update(keys)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}")
+            if not accumulator.step():
+                continue
+            step += 1
             if step % cfg.log_every_steps == 0 and step > logged_through:
                 elapsed = time.perf_counter() - window_start
                 tracker.log_metrics(
