@@ -2,14 +2,26 @@
 
 A training checkpoint is a directory (Ray Train's) holding `model.pt`:
 
-    {"format": "mvit-train-v1", "model": state_dict, "config": MViTConfig dict, "model_name": str,
+    {"format": "mvit-train-v2", "model": state_dict, "config": MViTConfig dict, "model_name": str,
      "train_config": the run's effective config (credentials redacted), "label_map": {name: id},
-     "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "epoch_metrics": {...}}
+     "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "epoch_metrics": {...},
+     "position": {"epoch": int, "step_in_epoch": int, ...}, "world_size": int, "rng": [per-rank states],
+     "skipped_steps": int}
+
+`position` is where a resumed run goes on: the epoch and the optimizer steps of it already taken (an
+end-of-epoch checkpoint of epoch e holds (e + 1, 0)); `rng` holds every rank's random generators (torch,
+CUDA, numpy, python) in rank order. Checkpoints written before step checkpoints existed
+("mvit-train-v1": epoch ends only, no position or generators) still resume (`resume_position`) and load.
 
 It is a superset of `mvit`'s own checkpoint format (`model` + `config`), so `mvit.create_model(name,
 checkpoint=...)` and `mvit convert` read it too. The model is rebuilt from the stored `MViTConfig`, not
 from the training recipe, so a checkpoint stays loadable when the recipe's defaults change. Serving gets
 a slim copy (`slim`): weights, model config, labels and how clips are cut, without optimizer state.
+
+Which checkpoint of a run is the best: `<run dir>/best.json` (`write_best`) names it, from Ray Train's own
+ranking of the checkpoints it keeps (CheckpointConfig's score attribute, val/top1): rank 0 rewrites it after
+each committed checkpoint, so it is current while the run goes on, and the driver once more at the end.
+`resolve_checkpoint("best", run_dir)` reads it; "latest" is the checkpoint of the run's `result.json`.
 
 Train writes it (`save_training_state`), evaluate/register/predict and the MLflow pyfunc read it
 (`load_state`, `TrainedModel`); nothing else knows the file name or the keys.
@@ -17,6 +29,7 @@ Train writes it (`save_training_state`), evaluate/register/predict and the MLflo
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +42,9 @@ from pipelines.data import storage
 from pipelines.data.clips import ClipConfig
 
 CHECKPOINT_FILE = "model.pt"
-FORMAT = "mvit-train-v1"
+FORMAT = "mvit-train-v2"
+BEST_FILE = "best.json"  # in the run directory: which checkpoint scored best
+RESULT_FILE = "result.json"  # in the run directory: the training job's result (holds the latest checkpoint)
 # What inference needs: weights, how to rebuild the model, labels, how clips are cut.
 SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "step")
 
@@ -41,8 +56,12 @@ def checkpoint_file(checkpoint: str) -> str:
 
 def save_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler, *, epoch: int, step: int,
                         model_name: str, train_config: dict[str, Any], label_map: dict[str, int],
-                        epoch_metrics: dict[str, float] | None = None) -> Path:
-    """Write `directory/model.pt`: the weights plus everything needed to resume, rebuild and use the model."""
+                        epoch_metrics: dict[str, float] | None = None, position: dict[str, Any] | None = None,
+                        rng: list[dict[str, Any]] | None = None, world_size: int = 1,
+                        skipped_steps: int = 0) -> Path:
+    """Write `directory/model.pt`: the weights plus everything needed to resume, rebuild and use the model.
+    `position` ({"epoch", "step_in_epoch"}: the optimizer steps of that epoch taken, plus what the loop needs
+    to finish the epoch's numbers) defaults to the start of the epoch after `epoch`."""
     module = getattr(model, "module", model)  # unwrap DDP
     path = directory / CHECKPOINT_FILE
     torch.save(
@@ -58,10 +77,21 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
             "epoch": epoch,
             "step": step,
             "epoch_metrics": epoch_metrics or {},
+            "position": position or {"epoch": epoch + 1, "step_in_epoch": 0},
+            "world_size": world_size,
+            "rng": rng or [],
+            "skipped_steps": skipped_steps,
         },
         path,
     )
     return path
+
+
+def resume_position(state: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, optimizer steps of it already taken) where a run resumed from `state` goes on."""
+    if "position" in state:
+        return int(state["position"]["epoch"]), int(state["position"]["step_in_epoch"])
+    return int(state["epoch"]) + 1, 0  # mvit-train-v1: written at epoch ends only
 
 
 def read_local(path: str | Path) -> dict[str, Any]:
@@ -83,6 +113,40 @@ def load_state(uri: str) -> dict[str, Any]:
         local = Path(tmp) / CHECKPOINT_FILE
         storage.download_file(path, local)
         return read_local(local)
+
+
+def ray_checkpoint_uri(path: str, storage_path: str) -> str:
+    """The URI of a Ray Train checkpoint (its `path`, which has no scheme) under `storage_path`."""
+    return f"s3://{path.lstrip('/')}" if storage.is_s3(storage_path) else path
+
+
+def write_best(run_dir: str, checkpoint: str, metrics: dict[str, Any]) -> str:
+    """Record `checkpoint` (a URI) as the run's best, with the metrics it was reported with; returns the
+    pointer's URI."""
+    uri = storage.join(run_dir, BEST_FILE)
+    storage.write_bytes(uri, json.dumps({"checkpoint": checkpoint, "metrics": metrics}, indent=1).encode())
+    return uri
+
+
+def resolve_checkpoint(checkpoint: str, run_dir: str = "") -> str:
+    """A checkpoint given as a directory or model.pt (returned as is), or as "best" / "latest" of the
+    training run in `run_dir` (its best.json / result.json)."""
+    if checkpoint not in ("best", "latest"):
+        return checkpoint
+    if not run_dir:
+        raise ValueError(f"checkpoint={checkpoint} needs run_dir=<the training run's directory> "
+                         "(printed by `mvit train`, also the run_dir of its result)")
+    pointer = storage.join(run_dir, BEST_FILE if checkpoint == "best" else RESULT_FILE)
+    if not storage.exists(pointer):
+        raise FileNotFoundError(
+            f"{pointer} does not exist: " + ("no checkpoint of the run has been evaluated yet (best.json is "
+            "written at the first epoch's end)" if checkpoint == "best" else "the run has not finished")
+            + f"; pass a checkpoint directory of {run_dir} instead"
+        )
+    try:
+        return str(json.loads(storage.read_bytes(pointer))["checkpoint"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{pointer} does not name a checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def slim(state: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -9,6 +9,10 @@ The training stream is a function of its seed: shard draws, the shuffle buffer, 
 and the random crops all come from generators seeded by (seed, DataLoader worker), so a run can be
 repeated and a bad one investigated. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
 in the time and os.urandom, so two runs of the same recipe saw different data.)
+
+A stream can be resumed mid-epoch (`start_batch`): the samples already trained on are read but not
+decoded, and each sample's clip is drawn from a generator of its own position in the stream, so the
+batches after the resume point are exactly those of an uninterrupted epoch (see `train_loader`).
 """
 
 from __future__ import annotations
@@ -34,18 +38,33 @@ def _loader_worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _worker_rng(seed: int, purpose: str) -> random.Random:
-    # Each DataLoader worker copies the dataset; a generator built at construction would hand every
-    # worker the same stream (the same shuffle picks, the same temporal offsets).
-    return random.Random(f"{seed}/{purpose}/{_loader_worker()[0]}")
+def _stream_worker(start_batch: int = 0) -> tuple[int, int]:
+    """(the stream this DataLoader worker plays, the number of workers).
+
+    The DataLoader asks its workers for batches in turn, starting with worker 0, so batch j of an epoch
+    comes from stream j mod W. A loader resumed at batch `start_batch` again starts with worker 0, which
+    therefore plays stream start_batch mod W: the streams keep their seeds and the batches their order."""
+    worker, workers = _loader_worker()
+    return (worker + start_batch) % workers, workers
 
 
-def _shuffled(bufsize: int, seed: int, initial: int = 64):
+def _batches_of_stream(stream: int, workers: int, batches: int) -> int:
+    """How many of an epoch's first `batches` batches come from `stream` (batch j from stream j mod W)."""
+    return max(0, batches - stream + workers - 1) // workers
+
+
+def _stream_rng(seed: int, purpose: str, stream: int) -> random.Random:
+    # Made in the worker that iterates: each DataLoader worker copies the dataset, and a generator built at
+    # construction would hand every worker the same picks.
+    return random.Random(f"{seed}/{purpose}/{stream}")
+
+
+def _shuffled(bufsize: int, seed: int, initial: int = 64, start_batch: int = 0):
     """A shuffle buffer (as wds.shuffle) whose generator is made in the worker that iterates it. It starts
     yielding at `initial` samples and grows by one sample per yield up to `bufsize`, so the first batch
     does not wait for a full buffer."""
     def stage(samples):
-        rng = _worker_rng(seed, "shuffle")
+        rng = _stream_rng(seed, "shuffle", _stream_worker(start_batch)[0])
         samples = iter(samples)
         buffer: list = []
         for sample in samples:
@@ -59,51 +78,80 @@ def _shuffled(bufsize: int, seed: int, initial: int = 64):
     return stage
 
 
-def _decoded(clip: ClipConfig, seed: int):
+def _decoded(clip: ClipConfig, seed: int, start_batch: int = 0, batch_size: int = 1):
+    """Decode each sample into a training clip. The random draws of the n-th sample of a stream (temporal
+    offset, crop) come from a generator seeded by (seed, stream, n), so a stream resumed mid-epoch skips the
+    samples already trained on *before* decoding them (their tar bytes are read, no frame is decoded) and
+    the samples after them get exactly the clips they would have had."""
     def stage(samples):
-        rng = _worker_rng(seed, "clip")
-        # torchvision's random crops draw from torch's global generator, which the training loop seeds
-        # alike on every rank (identical initial weights): the crops get a state per (seed, worker) instead.
-        crop_state = torch.Generator().manual_seed(rng.getrandbits(63)).get_state()
+        stream, workers = _stream_worker(start_batch)
+        skip = _batches_of_stream(stream, workers, start_batch) * batch_size
         transform = train_transform(clip)
-        for sample in samples:
+        for index, sample in enumerate(samples):
+            if index < skip:
+                continue
+            rng = random.Random(f"{seed}/clip/{stream}/{index}")
             frames = int(sample_metadata(sample)["frames"])
+            # torchvision's random crops draw from torch's global generator, which the training loop seeds
+            # per rank for drop-path: the crops run on a forked generator seeded from this sample's.
             with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(crop_state)
+                torch.manual_seed(rng.getrandbits(63))
                 video = train_clip(sample[MEDIA_KEY], frames, clip, transform, rng)
-                crop_state = torch.get_rng_state()
             yield video, int(sample["cls"]), sample["__key__"]
     return stage
 
 
-def _epoch_share(steps_per_epoch: int):
+def _epoch_share(batches: int, start_batch: int = 0):
     # `with_epoch` would cut each DataLoader worker's stream at the full count, so an epoch would run
-    # loader_workers times the steps its LR schedule was built for; each worker takes its share instead.
-    def stage(batches):
-        worker, workers = _loader_worker()
-        yield from itertools.islice(batches, steps_per_epoch // workers + (worker < steps_per_epoch % workers))
+    # loader_workers times the batches it was planned for; each worker yields its stream's share instead,
+    # less what that stream had already yielded before `start_batch`.
+    def stage(stream_batches):
+        stream, workers = _stream_worker(start_batch)
+        done = _batches_of_stream(stream, workers, start_batch)
+        yield from itertools.islice(stream_batches, _batches_of_stream(stream, workers, batches) - done)
     return stage
 
 
-def _collate(batch):
-    clips, labels, keys = zip(*batch)
-    return torch.stack(clips), torch.tensor(labels), list(keys)
+def _batched(batch_size: int):
+    """Full batches, each yielded as soon as its last sample is decoded (wds.batched looks one sample
+    ahead: a decode more per worker and epoch, and every batch one decode late)."""
+    def stage(samples):
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                clips, labels, keys = zip(*batch)
+                yield torch.stack(clips), torch.tensor(labels), list(keys)
+                batch = []
+    return stage
 
 
-def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_epoch: int, *,
-                 shuffle_buffer: int, seed: int, loader_workers: int = 0):
+def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, batches: int, *,
+                 shuffle_buffer: int, seed: int, loader_workers: int = 0, start_batch: int = 0):
+    """The `batches` batches of one epoch of one rank (the training stream of `seed`), from batch
+    `start_batch` on: a loader resumed at batch k yields exactly the batches k.. of the whole epoch's
+    loader, without decoding the samples of batches 0..k-1."""
     if not urls:
         raise ValueError("this rank has no training shards; use fewer workers or more shards")
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch {start_batch} is outside the epoch's {batches} batches")
+
+    def shard_seed() -> int:
+        return _stream_worker(start_batch)[0]
+
     dataset = wds.DataPipeline(
-        # worker_seed: the rank is already part of `seed`; only the DataLoader worker is added
-        wds.ResampledShards(urls, seed=seed, worker_seed=lambda: _loader_worker()[0], deterministic=True),
+        # worker_seed: the rank is already part of `seed`; only the stream (DataLoader worker) is added
+        wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
         tar_samples,
-        _shuffled(shuffle_buffer, seed),
-        _decoded(clip, seed),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-        _epoch_share(steps_per_epoch),
+        _shuffled(shuffle_buffer, seed, start_batch=start_batch),
+        _decoded(clip, seed, start_batch, batch_size),
+        _batched(batch_size),
+        _epoch_share(batches, start_batch),
     )
-    return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers)
+    # A generator of its own: the DataLoader draws its workers' base seed from it at every iter(), which
+    # would otherwise advance torch's global generator (drop-path) once per epoch, and once more at a resume.
+    return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def eval_samples(urls: list[str], clip: ClipConfig, views: int) -> Iterator[tuple[torch.Tensor, int, str]]:

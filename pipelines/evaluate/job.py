@@ -12,7 +12,7 @@ import torch
 from omegaconf import MISSING
 
 from pipelines import plots, tracking
-from pipelines.artifact import TrainedModel
+from pipelines.artifact import TrainedModel, resolve_checkpoint
 from pipelines.config import StageResult
 from pipelines.data.shards import DatasetError, read_manifest
 from pipelines.scoring import score_videos
@@ -22,7 +22,8 @@ from pipelines.tracking import MlflowConfig
 @dataclass
 class EvaluateConfig:
     dataset: str = MISSING
-    checkpoint: str = MISSING  # a checkpoint directory (holds model.pt) or the model.pt itself
+    checkpoint: str = MISSING  # a checkpoint directory (holds model.pt), the model.pt itself, or best | latest
+    run_dir: str = ""  # the training run's directory (`run_dir` of its result), for checkpoint=best | latest
     split: str = "val"
     temporal_views: int = 1  # evenly spaced clips per video, softmax averaged (Kinetics recipe: 5)
     batch_size: int = 16
@@ -54,16 +55,19 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")
-    trained = TrainedModel.load(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.run_dir)
+    if checkpoint != cfg.checkpoint:
+        print(f"[evaluate] checkpoint={cfg.checkpoint} of {cfg.run_dir}: {checkpoint}", flush=True)
+    trained = TrainedModel.load(checkpoint)
     if trained.label_map != manifest.label_map:
-        raise DatasetError(f"the labels of checkpoint {cfg.checkpoint} differ from those of {cfg.dataset}")
+        raise DatasetError(f"the labels of checkpoint {checkpoint} differ from those of {cfg.dataset}")
     precision = str(trained.train_config.get("precision", "fp32"))
     score = score_videos(trained.model, urls, trained.clip, num_classes=len(manifest.label_map),
                          device=torch.device("cpu"), views=cfg.temporal_views, batch_size=cfg.batch_size,
                          precision=precision)
     uri = tracking.resolve_uri(cfg.mlflow.tracking_uri) if cfg.mlflow_run_id else ""
     report = EvaluateResult(split=cfg.split, videos=score.total, temporal_views=cfg.temporal_views,
-                            top1=score.top1, top5=score.top5, checkpoint=cfg.checkpoint, dataset=cfg.dataset,
+                            top1=score.top1, top5=score.top5, checkpoint=checkpoint, dataset=cfg.dataset,
                             dataset_digest=manifest.digest(), mlflow_run_id=cfg.mlflow_run_id, tracking_uri=uri)
     if cfg.mlflow_run_id:
         tracking.check_server(uri)

@@ -21,7 +21,8 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "av<19", "numpy", "pandas", "boto3",
 
 @dataclass
 class RegisterConfig:
-    checkpoint: str = MISSING
+    checkpoint: str = MISSING  # a checkpoint directory (holds model.pt), the model.pt itself, or best | latest
+    run_dir: str = ""  # the training run's directory (`run_dir` of its result), for checkpoint=best | latest
     mlflow_run_id: str = MISSING  # the training run the model is logged into
     dataset: str = ""  # where to take an example video from (for the model's input_example)
     example_video: str = ""  # or a video file/URI to use as the input_example
@@ -71,7 +72,10 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
     tracking.check_server(uri)
     client = tracking.client(uri)
-    state = artifact.load_state(cfg.checkpoint)
+    checkpoint = artifact.resolve_checkpoint(cfg.checkpoint, cfg.run_dir)
+    if checkpoint != cfg.checkpoint:
+        print(f"[register] checkpoint={cfg.checkpoint} of {cfg.run_dir}: {checkpoint}", flush=True)
+    state = artifact.load_state(checkpoint)
     tracking.log_config(client, cfg.mlflow_run_id, "register", cfg)
     with tempfile.TemporaryDirectory() as tmp:
         slim = Path(tmp) / artifact.CHECKPOINT_FILE
