@@ -45,10 +45,13 @@ def main(model_name: str = "mvit_b_16x4", target: str = "") -> dict:
         save_s = time.perf_counter() - started
         size_mb = path.stat().st_size / 2**20
         destination = target or str(Path(tmp) / "storage")
-        filesystem, root = storage.pyarrow_filesystem(destination)
         import pyarrow.fs
 
+        filesystem, root = storage.pyarrow_filesystem(destination)
+        filesystem = filesystem or pyarrow.fs.LocalFileSystem()  # what Ray Train uses for a local path
+
         started = time.perf_counter()
+        filesystem.create_dir(f"{root.rstrip('/')}/ckpt", recursive=True)
         pyarrow.fs.copy_files(str(local), f"{root.rstrip('/')}/ckpt", destination_filesystem=filesystem)
         upload_s = time.perf_counter() - started
         started = time.perf_counter()

@@ -102,6 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     torch.set_num_threads(max(1, cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives (the generators' gather) use the current device
 
     manifest = read_manifest(cfg.dataset)
     num_classes = len(manifest.label_map)
@@ -265,7 +267,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if cfg.audit_sample_keys:
                 audit = {"rank": rank, "world": world, "keys": sorted(seen_keys), "shards": train_urls}
                 storage.write_bytes(storage.join(run_dir, "data_audit", f"rank-{rank}.json"), json.dumps(audit).encode())
-            commit(epoch, {"epoch": epoch + 1, "step_in_epoch": 0}, {**metrics, SCORE: val.top1 if val.total else -math.inf}, epoch_metrics)
+            score = val.top1 if val.total else -math.inf
+            commit(epoch, {"epoch": epoch + 1, "step_in_epoch": 0}, {**metrics, SCORE: score}, epoch_metrics)
             # Logged once the epoch's checkpoint is committed, and at most once per step: an epoch redone after
             # a restart does not add a second point to the per-epoch curves.
             tracker.log_metrics_once(epoch_metrics, step)

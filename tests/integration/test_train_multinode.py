@@ -45,6 +45,7 @@ def test_a_lost_node_is_replaced_or_the_run_goes_on_elastically(services, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = {o["scenario"]: o for o in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
     assert set(outcomes) == {"fixed", "elastic"}
+    print("[multinode] " + ", ".join(f"{name}: {o['seconds']}s" for name, o in outcomes.items()))
     client = mlflow.MlflowClient(services.mlflow_uri)
     experiment = client.get_experiment_by_name("multinode")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
