@@ -75,8 +75,17 @@ def fluent(uri: str) -> Iterator[None]:
     # value even when that was "unset", which the public get/set pair cannot express.
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        # The setter mirrors the URI into $MLFLOW_TRACKING_URI, and restoring "unset" deletes the variable:
+        # every later stage of this process would then fall back to ./mlflow.db instead of the server.
+        if configured is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = configured
 
 
 def ensure_experiment(mlflow_client, mlflow_cfg) -> str:

@@ -97,3 +97,17 @@ def test_passwords_in_uris_are_never_printed_or_logged(capsys):
     assert "s3cr3t" not in printed and "s3cr3t" not in json.dumps(params)
     assert params["mlflow.tracking_uri"] == "postgresql://ml:***@db:5432/mlflow"
     assert cfg.mlflow.tracking_uri.endswith("ml:s3cr3t@db:5432/mlflow")  # the config itself keeps it for use
+
+
+def test_the_fluent_scope_leaves_the_configured_tracking_server_in_place(monkeypatch, tmp_path):
+    # MLflow's scoped setter deletes $MLFLOW_TRACKING_URI on exit when no URI was set in code: a register
+    # (fluent log_model) would make every later stage of the process resolve to ./mlflow.db.
+    import mlflow
+
+    from pipelines import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    with tracking.fluent(f"sqlite:///{tmp_path}/other.db"):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/other.db"
+    assert tracking.resolve_uri("") == "http://127.0.0.1:5999"
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:5999"
