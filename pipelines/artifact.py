@@ -2,14 +2,26 @@
 
 A training checkpoint is a directory (Ray Train's) holding `model.pt`:
 
-    {"format": "mvit-train-v1", "model": state_dict, "config": MViTConfig dict, "model_name": str,
+    {"format": "mvit-train-v2", "model": state_dict, "config": MViTConfig dict, "model_name": str,
      "train_config": the run's effective config (credentials redacted), "label_map": {name: id},
-     "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "epoch_metrics": {...}}
+     "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "epoch_metrics": {...},
+     "position": {"epoch": int, "step_in_epoch": int, ...}, "world_size": int, "rng": [per-rank states],
+     "skipped_steps": int}
+
+`position` is where a resumed run goes on: the epoch and the optimizer steps of it already taken (an
+end-of-epoch checkpoint of epoch e holds (e + 1, 0)); `rng` holds every rank's random generators (torch,
+CUDA, numpy, python) in rank order. Checkpoints written before step checkpoints existed
+("mvit-train-v1": epoch ends only, no position or generators) still resume (`resume_position`) and load.
 
 It is a superset of `mvit`'s own checkpoint format (`model` + `config`), so `mvit.create_model(name,
 checkpoint=...)` and `mvit convert` read it too. The model is rebuilt from the stored `MViTConfig`, not
 from the training recipe, so a checkpoint stays loadable when the recipe's defaults change. Serving gets
 a slim copy (`slim`): weights, model config, labels and how clips are cut, without optimizer state.
+
+Which checkpoint of a run is the best: `<run dir>/best.json` (`write_best`) names it, from Ray Train's own
+ranking of the checkpoints it keeps (CheckpointConfig's score attribute, val/top1): rank 0 rewrites it after
+each committed checkpoint, so it is current while the run goes on, and the driver once more at the end.
+`resolve("best", run_dir)` reads it; "latest" is the checkpoint of the run's `result.json`.
 
 Train writes it (`save_training_state`), evaluate/register/predict and the MLflow pyfunc read it
 (`load_state`, `TrainedModel`); nothing else knows the file name or the keys.
@@ -30,10 +42,9 @@ from pipelines.data import storage
 from pipelines.data.clips import ClipConfig, clip_config_from_stored
 
 CHECKPOINT_FILE = "model.pt"
-# Written by `mvit train` into its run directory (<storage_path>/<run_name>/) when it finishes: the final
-# checkpoint's URI and the MLflow run id, so a run directory can stand for its checkpoint.
-RESULT_FILE = "result.json"
-FORMAT = "mvit-train-v1"
+FORMAT = "mvit-train-v2"
+BEST_FILE = "best.json"  # in the run directory: which checkpoint scored best
+RESULT_FILE = "result.json"  # in the run directory: the training job's result (holds the latest checkpoint)
 # What inference needs: weights, how to rebuild the model, labels, how clips are cut.
 SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "step")
 
@@ -43,33 +54,14 @@ def checkpoint_file(checkpoint: str) -> str:
     return checkpoint if checkpoint.endswith(".pt") else storage.join(checkpoint, CHECKPOINT_FILE)
 
 
-@dataclass(frozen=True)
-class CheckpointRef:
-    """A checkpoint as a user names it, resolved: its directory (or file) and, when known, its MLflow run."""
-
-    checkpoint: str
-    mlflow_run_id: str = ""
-
-
-def resolve(uri: str) -> CheckpointRef:
-    """`uri` is a checkpoint (a directory holding model.pt, or the file) or a training run directory
-    (holding result.json, written when `mvit train` finished): the checkpoint it names."""
-    if uri.endswith(".pt") or storage.exists(storage.join(uri, CHECKPOINT_FILE)):
-        return CheckpointRef(uri)
-    result_uri = storage.join(uri, RESULT_FILE)
-    if storage.exists(result_uri):
-        result = json.loads(storage.read_bytes(result_uri))
-        return CheckpointRef(result["checkpoint"], result.get("mlflow_run_id", ""))
-    raise FileNotFoundError(
-        f"{uri} is neither a checkpoint (no {CHECKPOINT_FILE}) nor a finished training run (no {RESULT_FILE}); "
-        "pass the checkpoint or the run directory printed by `mvit train`"
-    )
-
-
 def save_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler, *, epoch: int, step: int,
                         model_name: str, train_config: dict[str, Any], label_map: dict[str, int],
-                        epoch_metrics: dict[str, float] | None = None) -> Path:
-    """Write `directory/model.pt`: the weights plus everything needed to resume, rebuild and use the model."""
+                        epoch_metrics: dict[str, float] | None = None, position: dict[str, Any] | None = None,
+                        rng: list[dict[str, Any]] | None = None, world_size: int = 1,
+                        skipped_steps: int = 0) -> Path:
+    """Write `directory/model.pt`: the weights plus everything needed to resume, rebuild and use the model.
+    `position` ({"epoch", "step_in_epoch"}: the optimizer steps of that epoch taken, plus what the loop needs
+    to finish the epoch's numbers) defaults to the start of the epoch after `epoch`."""
     module = getattr(model, "module", model)  # unwrap DDP
     path = directory / CHECKPOINT_FILE
     torch.save(
@@ -85,10 +77,21 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
             "epoch": epoch,
             "step": step,
             "epoch_metrics": epoch_metrics or {},
+            "position": position or {"epoch": epoch + 1, "step_in_epoch": 0},
+            "world_size": world_size,
+            "rng": rng or [],
+            "skipped_steps": skipped_steps,
         },
         path,
     )
     return path
+
+
+def resume_position(state: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, optimizer steps of it already taken) where a run resumed from `state` goes on."""
+    if "position" in state:
+        return int(state["position"]["epoch"]), int(state["position"]["step_in_epoch"])
+    return int(state["epoch"]) + 1, 0  # mvit-train-v1: written at epoch ends only
 
 
 def read_local(path: str | Path) -> dict[str, Any]:
@@ -110,6 +113,67 @@ def load_state(uri: str) -> dict[str, Any]:
         local = Path(tmp) / CHECKPOINT_FILE
         storage.download_file(path, local)
         return read_local(local)
+
+
+def ray_checkpoint_uri(path: str, storage_path: str) -> str:
+    """The URI of a Ray Train checkpoint (its `path`, which has no scheme) under `storage_path`."""
+    return f"s3://{path.lstrip('/')}" if storage.is_s3(storage_path) else path
+
+
+def write_best(run_dir: str, checkpoint: str, metrics: dict[str, Any]) -> str:
+    """Record `checkpoint` (a URI) as the run's best, with the metrics it was reported with; returns the
+    pointer's URI."""
+    uri = storage.join(run_dir, BEST_FILE)
+    storage.write_bytes(uri, json.dumps({"checkpoint": checkpoint, "metrics": metrics}, indent=1).encode())
+    return uri
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint as a user names it, resolved: its directory (or file) and, when known, its MLflow run."""
+
+    checkpoint: str
+    mlflow_run_id: str = ""
+
+
+def resolve(uri: str, run_dir: str = "") -> CheckpointRef:
+    """The checkpoint a user names: a checkpoint (a directory holding model.pt, or the file), a finished
+    training run's directory (its result.json: the final checkpoint and the MLflow run), or "best" /
+    "latest" of the run in `run_dir` (its best.json, kept current while the run goes on / its result.json)."""
+    if uri in ("best", "latest"):
+        if not run_dir:
+            raise ValueError(f"checkpoint={uri} needs run_dir=<the training run's directory> "
+                             "(printed by `mvit train`, also the run_dir of its result)")
+        result_uri = storage.join(run_dir, RESULT_FILE)
+        result = _read_pointer(result_uri) if storage.exists(result_uri) else {}
+        if uri == "latest" and not result:
+            raise FileNotFoundError(f"{result_uri} does not exist: the run has not finished; pass a checkpoint "
+                                    f"directory of {run_dir} instead")
+        best_uri = storage.join(run_dir, BEST_FILE)
+        if uri == "best" and not storage.exists(best_uri):
+            raise FileNotFoundError(f"{best_uri} does not exist: no checkpoint of the run has been evaluated yet "
+                                    f"(best.json is written at the first epoch's end); pass a checkpoint directory "
+                                    f"of {run_dir} instead")
+        named = _read_pointer(best_uri) if uri == "best" else result
+        return CheckpointRef(str(named["checkpoint"]), str(result.get("mlflow_run_id", "")))
+    if uri.endswith(".pt") or storage.exists(storage.join(uri, CHECKPOINT_FILE)):
+        return CheckpointRef(uri)
+    if storage.exists(storage.join(uri, RESULT_FILE)):
+        result = _read_pointer(storage.join(uri, RESULT_FILE))
+        return CheckpointRef(str(result["checkpoint"]), str(result.get("mlflow_run_id", "")))
+    raise FileNotFoundError(
+        f"{uri} is neither a checkpoint (no {CHECKPOINT_FILE}) nor a finished training run (no {RESULT_FILE}); "
+        "pass the checkpoint or the run directory printed by `mvit train` (or checkpoint=best|latest with run_dir=)"
+    )
+
+
+def _read_pointer(pointer: str) -> dict[str, Any]:
+    try:
+        data = json.loads(storage.read_bytes(pointer))
+        str(data["checkpoint"])
+        return data
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{pointer} does not name a checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def slim(state: dict[str, Any], **extra: Any) -> dict[str, Any]:

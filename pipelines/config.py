@@ -191,11 +191,15 @@ class StageResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """Rebuild from a result line; keys this version does not know are ignored, missing ones fail."""
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        missing = [n for n in names if n not in data]
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        names = [f.name for f in fields]
+        # A field added later with a default may be absent from results recorded before it existed.
+        optional = {f.name for f in fields if f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING}
+        missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{cls.__name__}: the result lacks {missing}")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{n: data[n] for n in names if n in data})
 
 
 def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:

@@ -29,7 +29,12 @@ def precision_context(precision: str, device: torch.device):
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over the DDP ranks in place (the tensor itself when not distributed)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            on_gpu = values.cuda()
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            values.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 

@@ -172,11 +172,29 @@ def _log_dataset(mlflow_client, run_id: str, prefix: str, manifest) -> None:
     mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One start of a training job's worker group: the first, or a restart from a checkpoint."""
+
+    world_size: int
+    accumulation: str  # micro-batches each rank accumulates per optimizer step ("2", or "1-2" when uneven)
+    global_batch: int  # clips per optimizer step (always the recipe's)
+    batch_plan: str  # e.g. "3 workers x 1-2 micro-batches of 8 = global batch 32"
+    from_step: int  # the step it starts after (0: from scratch)
+    from_epoch: int | None = None  # the epoch of the checkpoint it resumed from (None: from scratch)
+    steps_redone: int = 0  # steps an earlier attempt had logged after that checkpoint, trained again
+
+    def describe(self) -> str:
+        start = "from scratch" if self.from_epoch is None else f"from the checkpoint at step {self.from_step}"
+        return f"{self.batch_plan}, {start}" + (f", {self.steps_redone} steps redone" if self.steps_redone else "")
+
+
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_metrics_once(self, metrics: dict[str, float], step: int) -> None: ...
     def last_step(self, key: str) -> int: ...
     def mark_resumed(self, epoch: int) -> None: ...
+    def start_attempt(self, attempt: Attempt) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
 
@@ -195,6 +213,9 @@ class NullTracker:
     def mark_resumed(self, epoch: int) -> None:
         pass
 
+    def start_attempt(self, attempt: Attempt) -> None:
+        pass
+
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
 
@@ -202,6 +223,7 @@ class NullTracker:
 class MlflowTracker:
     def __init__(self, uri: str, run_id: str):
         self.client = client(uri)
+        self.uri = uri
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -222,6 +244,22 @@ class MlflowTracker:
         self.client.set_tag(self.run_id, "mvit.restarts", str(restarts))
         self.client.set_tag(self.run_id, "mvit.resumed_from_epoch", str(epoch))
 
+    def start_attempt(self, attempt: Attempt) -> None:
+        """Tags for each start of the worker group (`mvit.attempt.N`, the world sizes so far, and for a
+        restart `mvit.restarts`, `mvit.resumed_from_step`, `mvit.steps_redone`), so the run's page tells
+        every restart and world-size change."""
+        tags = self.client.get_run(self.run_id).data.tags
+        number = sum(1 for key in tags if key.startswith("mvit.attempt.")) + 1
+        sizes = [s for s in tags.get("mvit.world_sizes", "").split(",") if s] + [str(attempt.world_size)]
+        updates = {f"mvit.attempt.{number}": attempt.describe(), "mvit.world_size": str(attempt.world_size),
+                   "mvit.world_sizes": ",".join(sizes), "mvit.accumulation": attempt.accumulation,
+                   "mvit.global_batch": str(attempt.global_batch)}
+        if attempt.from_epoch is not None:
+            self.mark_resumed(attempt.from_epoch)
+            updates |= {"mvit.resumed_from_step": str(attempt.from_step), "mvit.steps_redone": str(attempt.steps_redone)}
+        for key, value in updates.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def last_step(self, key: str) -> int:
         """The highest step at which the run holds `key` (0: none)."""
         return max((s for s, _ in self.history(key)), default=0)
@@ -231,3 +269,21 @@ class MlflowTracker:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval_s: float) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU when present) of this machine logged into
+    `run_id` every `interval_s` seconds for the duration of the block (nothing when `interval_s` <= 0).
+    A restarted worker group continues the run's sample count rather than starting again at 0."""
+    if interval_s <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -7,11 +7,15 @@ needs equal step counts, and shards of unequal size would otherwise leave one ra
 
 The training stream is a function of its seed: shard draws, the shuffle buffer, the temporal offsets
 and every augmentation draw (crops, flips, RandAugment, erasing) come from generators seeded by (seed,
-DataLoader worker), so a run can be repeated and a bad one investigated. With repeated augmentation
+DataLoader worker, position in its stream), so a run can be repeated and a bad one investigated. With repeated augmentation
 (`clip.repeated_augment` = k) each decoded sample gives k clips: a batch of `batch_size` samples holds
 batch_size x k clips, copy-major (all first copies, then all second copies), so that MixUp/CutMix, which
 pairs clip i with clip i-1, mixes clips of different videos. (`wds.WebDataset(resampled=True)` does not pass its seed on: its shard draws mix
 in the time and os.urandom, so two runs of the same recipe saw different data.)
+
+A stream can be resumed mid-epoch (`start_batch`): the samples already trained on are read but not
+decoded, and each sample's clip is drawn from a generator of its own position in the stream, so the
+batches after the resume point are exactly those of an uninterrupted epoch (see `train_loader`).
 """
 
 from __future__ import annotations
@@ -38,15 +42,21 @@ def _loader_worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _worker_rng(seed: int, purpose: str) -> random.Random:
-    # Each DataLoader worker copies the dataset; a generator built at construction would hand every
-    # worker the same stream (the same shuffle picks, the same temporal offsets).
-    return random.Random(f"{seed}/{purpose}/{_loader_worker()[0]}")
+def _stream_worker(start_batch: int = 0) -> tuple[int, int]:
+    """(the stream this DataLoader worker plays, the number of workers).
+
+    The DataLoader asks its workers for batches in turn, starting with worker 0, so batch j of an epoch
+    comes from stream j mod W. A loader resumed at batch `start_batch` again starts with worker 0, which
+    therefore plays stream start_batch mod W: the streams keep their seeds and the batches their order."""
+    worker, workers = _loader_worker()
+    return (worker + start_batch) % workers, workers
 
 
-def _worker_generator(seed: int, purpose: str) -> torch.Generator:
-    """A torch generator per (seed, purpose, DataLoader worker), made in the worker that uses it."""
-    digest = hashlib.sha256(f"{seed}/{purpose}/{_loader_worker()[0]}".encode()).digest()
+def _sample_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """The generator of the `index`-th sample of a stream: its temporal offset and every augmentation draw
+    (crops, flips, RandAugment, erasing) come from it, so a stream resumed mid-epoch gives the samples after
+    the resume point exactly the clips they would have had."""
+    digest = hashlib.sha256(f"{seed}/clip/{stream}/{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
@@ -59,12 +69,23 @@ def sample_media(sample: dict) -> tuple[bytes, bool]:
     raise KeyError(f"sample {sample.get('__key__')} has neither {MEDIA_KEY!r} nor {IMAGE_KEY!r} (fields: {sorted(sample)})")
 
 
-def _shuffled(bufsize: int, seed: int, initial: int = 64):
+def _batches_of_stream(stream: int, workers: int, batches: int) -> int:
+    """How many of an epoch's first `batches` batches come from `stream` (batch j from stream j mod W)."""
+    return max(0, batches - stream + workers - 1) // workers
+
+
+def _stream_rng(seed: int, purpose: str, stream: int) -> random.Random:
+    # Made in the worker that iterates: each DataLoader worker copies the dataset, and a generator built at
+    # construction would hand every worker the same picks.
+    return random.Random(f"{seed}/{purpose}/{stream}")
+
+
+def _shuffled(bufsize: int, seed: int, initial: int = 64, start_batch: int = 0):
     """A shuffle buffer (as wds.shuffle) whose generator is made in the worker that iterates it. It starts
     yielding at `initial` samples and grows by one sample per yield up to `bufsize`, so the first batch
     does not wait for a full buffer."""
     def stage(samples):
-        rng = _worker_rng(seed, "shuffle")
+        rng = _stream_rng(seed, "shuffle", _stream_worker(start_batch)[0])
         samples = iter(samples)
         buffer: list = []
         for sample in samples:
@@ -78,28 +99,38 @@ def _shuffled(bufsize: int, seed: int, initial: int = 64):
     return stage
 
 
-def _decoded(clip: ClipConfig, seed: int):
+def _decoded(clip: ClipConfig, seed: int, start_batch: int = 0, batch_size: int = 1):
+    """Decode each sample into its training clip(s). The random draws of the n-th sample of a stream
+    (temporal offset, every augmentation) come from a generator seeded by (seed, stream, n), so a stream resumed mid-epoch skips the
+    samples already trained on *before* decoding them (their tar bytes are read, no frame is decoded) and
+    the samples after them get exactly the clips they would have had."""
     def stage(samples):
-        # One generator per (seed, DataLoader worker) drives the temporal sampling and every augmentation
-        # draw; the global one (which the training loop seeds alike on every rank) is left alone.
-        generator = _worker_generator(seed, "clip")
+        stream, workers = _stream_worker(start_batch)
+        skip = _batches_of_stream(stream, workers, start_batch) * batch_size
         transforms = {}
-        for sample in samples:
+        for index, sample in enumerate(samples):
+            if index < skip:
+                continue
             media, image = sample_media(sample)
             if image not in transforms:
                 transforms[image] = train_augment(clip, image=image)
             frames = 1 if image else int(sample_metadata(sample)["frames"])
-            clips = train_clips(media, frames, clip, transforms[image], generator, image=image)
+            # torchvision's random transforms draw from torch's global generator, which the training loop
+            # seeds per rank for drop-path: the augmentations fork it (augment.py), so it is left alone.
+            clips = train_clips(media, frames, clip, transforms[image], _sample_generator(seed, stream, index),
+                                image=image)
             yield clips, int(sample["cls"]), sample["__key__"]
     return stage
 
 
-def _epoch_share(steps_per_epoch: int):
+def _epoch_share(batches: int, start_batch: int = 0):
     # `with_epoch` would cut each DataLoader worker's stream at the full count, so an epoch would run
-    # loader_workers times the steps its LR schedule was built for; each worker takes its share instead.
-    def stage(batches):
-        worker, workers = _loader_worker()
-        yield from itertools.islice(batches, steps_per_epoch // workers + (worker < steps_per_epoch % workers))
+    # loader_workers times the batches it was planned for; each worker yields its stream's share instead,
+    # less what that stream had already yielded before `start_batch`.
+    def stage(stream_batches):
+        stream, workers = _stream_worker(start_batch)
+        done = _batches_of_stream(stream, workers, start_batch)
+        yield from itertools.islice(stream_batches, _batches_of_stream(stream, workers, batches) - done)
     return stage
 
 
@@ -111,20 +142,45 @@ def _collate(batch):
     return (stacked.transpose(0, 1).flatten(0, 1), torch.tensor(labels).repeat(copies), list(keys) * copies)
 
 
-def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, steps_per_epoch: int, *,
-                 shuffle_buffer: int, seed: int, loader_workers: int = 0):
+def _batched(batch_size: int):
+    """Full batches (copy-major, `_collate`), each yielded as soon as its last sample is decoded
+    (wds.batched looks one sample ahead: a decode more per worker and epoch, and every batch one decode late)."""
+    def stage(samples):
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield _collate(batch)
+                batch = []
+    return stage
+
+
+def train_loader(urls: list[str], clip: ClipConfig, batch_size: int, batches: int, *,
+                 shuffle_buffer: int, seed: int, loader_workers: int = 0, start_batch: int = 0):
+    """The `batches` batches of one epoch of one rank (the training stream of `seed`), from batch
+    `start_batch` on: a loader resumed at batch k yields exactly the batches k.. of the whole epoch's
+    loader, without decoding the samples of batches 0..k-1."""
     if not urls:
         raise ValueError("this rank has no training shards; use fewer workers or more shards")
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch {start_batch} is outside the epoch's {batches} batches")
+
+    def shard_seed() -> int:
+        return _stream_worker(start_batch)[0]
+
     dataset = wds.DataPipeline(
-        # worker_seed: the rank is already part of `seed`; only the DataLoader worker is added
-        wds.ResampledShards(urls, seed=seed, worker_seed=lambda: _loader_worker()[0], deterministic=True),
+        # worker_seed: the rank is already part of `seed`; only the stream (DataLoader worker) is added
+        wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
         tar_samples,
-        _shuffled(shuffle_buffer, seed),
-        _decoded(clip, seed),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-        _epoch_share(steps_per_epoch),
+        _shuffled(shuffle_buffer, seed, start_batch=start_batch),
+        _decoded(clip, seed, start_batch, batch_size),
+        _batched(batch_size),
+        _epoch_share(batches, start_batch),
     )
-    return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers)
+    # A generator of its own: the DataLoader draws its workers' base seed from it at every iter(), which
+    # would otherwise advance torch's global generator (drop-path) once per epoch, and once more at a resume.
+    return wds.WebLoader(dataset, batch_size=None, num_workers=loader_workers,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def sample_views(sample: dict, clip: ClipConfig, temporal: int | None = None, spatial: int | None = None) -> torch.Tensor:

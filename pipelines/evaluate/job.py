@@ -41,7 +41,9 @@ PREDICTIONS = "predictions.parquet"
 @dataclass
 class EvaluateConfig:
     dataset: str = MISSING
-    checkpoint: str = MISSING  # a checkpoint (directory or its model.pt) or a finished run's directory
+    # a checkpoint (directory or its model.pt), a finished run's directory, or best | latest of `run_dir`
+    checkpoint: str = MISSING
+    run_dir: str = ""  # the training run's directory (`run_dir` of its result), for checkpoint=best | latest
     split: str = "val"
     temporal_views: int = 0  # evenly spaced clips per video (0: the recipe's, stored in the checkpoint; Kinetics: 5)
     spatial_views: int = 0  # crops along the long side (0: the recipe's; SSv2: 3)
@@ -219,7 +221,9 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")
-    ref = artifact.resolve(cfg.checkpoint)
+    ref = artifact.resolve(cfg.checkpoint, cfg.run_dir)
+    if ref.checkpoint != cfg.checkpoint:
+        print(f"[evaluate] checkpoint={cfg.checkpoint}: {ref.checkpoint}", flush=True)
     cfg = dataclasses.replace(cfg, checkpoint=ref.checkpoint, mlflow_run_id=cfg.mlflow_run_id or ref.mlflow_run_id)
     state = artifact.load_state(cfg.checkpoint)
     trained = TrainedModel.from_state(state)

@@ -22,7 +22,9 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "av<19", "numpy", "pandas", "boto3",
 
 @dataclass
 class RegisterConfig:
-    checkpoint: str = MISSING  # a checkpoint (directory or its model.pt) or a finished run's directory
+    # a checkpoint (directory or its model.pt), a finished run's directory, or best | latest of `run_dir`
+    checkpoint: str = MISSING
+    run_dir: str = ""  # the training run's directory (`run_dir` of its result), for checkpoint=best | latest
     mlflow_run_id: str = ""  # the training run the model is logged into ("" = the run of `checkpoint`)
     dataset: str = ""  # where to take an example video from (for the model's input_example)
     example_video: str = ""  # or a video file/URI to use as the input_example
@@ -72,7 +74,7 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
     tracking.check_server(uri)
     client = tracking.client(uri)
-    ref = artifact.resolve(cfg.checkpoint)
+    ref = artifact.resolve(cfg.checkpoint, cfg.run_dir)
     cfg = dataclasses.replace(cfg, checkpoint=ref.checkpoint, mlflow_run_id=cfg.mlflow_run_id or ref.mlflow_run_id)
     if not cfg.mlflow_run_id:
         raise ValueError(f"register needs mlflow_run_id=<training run>: {cfg.checkpoint} is a checkpoint, not a "

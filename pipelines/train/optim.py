@@ -1,5 +1,5 @@
-"""Optimisation of a training run: the optimizer over parameter groups, the LR schedule, and gradient
-accumulation. The loop (loop.py) only calls these.
+"""Optimisation of a training run: the optimizer over parameter groups and the LR schedule. The loop
+(loop.py) only calls these; gradient accumulation over micro-batches is steps.py.
 
 Parameter groups (as the official recipes): no weight decay on 1-D parameters (norms, biases), nor on
 position embeddings / class token / rel-pos tables when `optim.zero_decay_pos_cls` (or the model's own
@@ -8,16 +8,14 @@ lr x layer_decay^(D + 1 - (i + 1)), the stem 0, the final norm and head D + 1, a
 a head LR multiplier; and a frozen backbone (only `head.*` trains: linear probing).
 
 The LR is given at a reference global batch (`lr` at `lr_batch` videos per optimizer step) and scaled
-linearly to the real one, batch_size x workers x accumulation steps: gradient accumulation keeps a
-recipe's global batch on fewer GPUs with the recipe's LR (`optim.global_batch`).
+linearly to the run's global batch (`global_batch_size`, which gradient accumulation keeps on fewer GPUs,
+so the recipe's LR holds there too).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 
@@ -29,19 +27,6 @@ _POS_CLS = ("pos_embed", "cls_token", "rel_pos")
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DDP
-
-
-def accumulation_steps(global_batch: int, batch_size: int, world: int) -> int:
-    """Micro-batches per optimizer step so that batch_size x world x steps == global_batch (0: one)."""
-    if global_batch <= 0:
-        return 1
-    per_step = batch_size * world
-    if global_batch % per_step:
-        raise ValueError(
-            f"config key 'optim.global_batch' ({global_batch}) must be a multiple of batch_size x workers "
-            f"({batch_size} x {world} = {per_step}): set batch_size/num_workers so that it divides, or global_batch=0"
-        )
-    return global_batch // per_step
 
 
 def scaled_lr(lr: float, lr_batch: int, global_batch: int) -> float:
@@ -127,49 +112,3 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg, *, epochs: int, steps_
         return lr_factor(step, total=total, warmup=max(0, warmup), start_factor=cfg.warmup_start_factor, end_factor=end)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@dataclass
-class GradientAccumulator:
-    """Sums the gradients of `steps` micro-batches, then clips, steps the optimizer and the schedule.
-
-    Under DDP the gradients are all-reduced only on the last micro-batch (`no_sync` around forward and
-    backward of the others, as DDP requires). Each loss is divided by `steps`, so the summed gradient
-    is the mean over the whole global batch, as one big batch would give.
-
-        with accumulator.micro_batch():
-            loss = objective(model(x), y)
-            accumulator.backward(loss)
-        if accumulator.step():  # True when the optimizer stepped
-            ...
-    """
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    steps: int = 1
-    grad_clip: float = 0.0
-    _pending: int = 0
-
-    def _last(self) -> bool:
-        return self._pending + 1 >= self.steps
-
-    def micro_batch(self):
-        if self._last() or not hasattr(self.model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.steps).backward()
-
-    def step(self) -> bool:
-        self._pending += 1
-        if self._pending < self.steps:
-            return False
-        self._pending = 0
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return True

@@ -111,3 +111,17 @@ def test_errors_name_the_key_without_internal_placeholders_and_suggest_the_close
         load_config(TrainConfig, None, ["dataset=x", "epoch=2"])
     with pytest.raises(ConfigError, match=r"unknown config key 'clip\.num_frame'\. Did you mean 'clip\.num_frames'\?"):
         load_config(TrainConfig, None, ["dataset=x", "clip.num_frame=2"])
+
+
+def test_the_fluent_scope_leaves_the_configured_tracking_server_in_place(monkeypatch, tmp_path):
+    # MLflow's scoped setter deletes $MLFLOW_TRACKING_URI on exit when no URI was set in code: a register
+    # (fluent log_model) would make every later stage of the process resolve to ./mlflow.db.
+    import mlflow
+
+    from pipelines import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    with tracking.fluent(f"sqlite:///{tmp_path}/other.db"):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/other.db"
+    assert tracking.resolve_uri("") == "http://127.0.0.1:5999"
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:5999"

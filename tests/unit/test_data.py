@@ -196,7 +196,7 @@ def test_training_stream_is_a_function_of_its_seed(tmp_path, loader_workers):
 
     def stream(seed):
         torch.manual_seed(seed)  # the global generator must not matter (the loop seeds it alike on every rank)
-        loader = train_loader(urls, clip, batch_size=4, steps_per_epoch=6, shuffle_buffer=8, seed=seed,
+        loader = train_loader(urls, clip, batch_size=4, batches=6, shuffle_buffer=8, seed=seed,
                               loader_workers=loader_workers)
         return [(keys, clips) for clips, _labels, keys in loader]
 
@@ -215,7 +215,7 @@ def test_an_epoch_is_steps_per_epoch_batches_whatever_the_loader_workers(tmp_pat
     from pipelines.data.loader import train_loader
 
     urls = _write_clip_shards(tmp_path, shards=2, per_shard=4)
-    loader = train_loader(urls, ClipConfig(**TINY_CLIP), batch_size=2, steps_per_epoch=steps, shuffle_buffer=4,
+    loader = train_loader(urls, ClipConfig(**TINY_CLIP), batch_size=2, batches=steps, shuffle_buffer=4,
                           seed=0, loader_workers=loader_workers)
     assert sum(1 for _ in loader) == steps
 
@@ -256,3 +256,58 @@ def test_crops_depend_on_the_seed_not_on_the_global_generator(tmp_path):
     state = torch.get_rng_state()
     assert all(torch.equal(a, b) for a, b in zip(crops(10), by_rank0))
     assert torch.equal(torch.get_rng_state(), state)  # the training loop's generator (drop-path) is left alone
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2, 3])
+def test_a_loader_resumed_at_batch_k_yields_exactly_batches_k_on_of_the_whole_epoch(tmp_path, loader_workers):
+    """Exact mid-epoch resume: the same keys, labels and clip tensors as the uninterrupted epoch from batch
+    k on, whichever DataLoader worker k falls to (the workers take batches in turn)."""
+    import torch
+
+    from pipelines.data.clips import ClipConfig
+    from pipelines.data.loader import train_loader
+
+    urls = _write_clip_shards(tmp_path)
+    clip = ClipConfig(**TINY_CLIP)
+
+    def epoch(start_batch):
+        loader = train_loader(urls, clip, batch_size=3, batches=7, shuffle_buffer=8, seed=5,
+                              loader_workers=loader_workers, start_batch=start_batch)
+        return list(loader)
+
+    whole = epoch(0)
+    assert len(whole) == 7
+    for k in (1, 4, 5, 7):
+        resumed = epoch(k)
+        assert [keys for _, _, keys in resumed] == [keys for _, _, keys in whole[k:]], f"start_batch={k}"
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[k:]))
+
+
+def test_a_resumed_loader_skips_the_trained_samples_without_decoding_them(tmp_path, monkeypatch):
+    from pipelines.data import loader
+    from pipelines.data.clips import ClipConfig
+
+    urls = _write_clip_shards(tmp_path)
+    decoded = []
+    real = loader.train_clips
+    monkeypatch.setattr(loader, "train_clips", lambda *args, **kwargs: decoded.append(1) or real(*args, **kwargs))
+    batches = list(loader.train_loader(urls, ClipConfig(**TINY_CLIP), batch_size=3, batches=6, shuffle_buffer=8,
+                                       seed=1, start_batch=4))
+    assert len(batches) == 2
+    assert len(decoded) == 2 * 3  # the samples of the two remaining batches only
+
+
+def test_iterating_a_training_loader_leaves_the_global_generator_alone(tmp_path):
+    # The loop's drop-path draws from torch's global generator and a checkpoint saves its state: the loader
+    # must not advance it (the DataLoader draws a base seed per iter(), from a generator of its own here).
+    import torch
+
+    from pipelines.data.clips import ClipConfig
+    from pipelines.data.loader import train_loader
+
+    urls = _write_clip_shards(tmp_path, shards=1)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    assert len(list(train_loader(urls, ClipConfig(**TINY_CLIP), batch_size=2, batches=2, shuffle_buffer=4,
+                                 seed=0, start_batch=1))) == 1
+    assert torch.equal(torch.get_rng_state(), state)

@@ -59,7 +59,7 @@ def test_repeated_augmentation_decodes_once_per_sample_and_yields_k_clips_copy_m
 
     per_sample = list(_decoded(clip, seed=0)(_video_samples(6)))
     assert len(decoded) == 6 and [c.shape for c, _, _ in per_sample] == [(2, 3, 4, 24, 24)] * 6  # one decode, k clips
-    batches = list(train_loader(urls, clip, batch_size=3, steps_per_epoch=2, shuffle_buffer=4, seed=0))
+    batches = list(train_loader(urls, clip, batch_size=3, batches=2, shuffle_buffer=4, seed=0))
     assert len(batches) == 2
     for clips, labels, keys in batches:
         assert clips.shape == (6, 3, 4, 24, 24)
@@ -72,7 +72,7 @@ def test_segment_sampling_through_the_loader_takes_one_frame_from_each_segment(t
     urls = _shard(tmp_path / "a.tar", _video_samples(4))
     clip = ClipConfig(num_frames=4, sampling="segments", crop_size=32, train_crop="random", horizontal_flip=False)
     seen = set()
-    for clips, _, _ in train_loader(urls, clip, batch_size=2, steps_per_epoch=8, shuffle_buffer=4, seed=1):
+    for clips, _, _ in train_loader(urls, clip, batch_size=2, batches=8, shuffle_buffer=4, seed=1):
         for one in clips:
             numbers = _frame_numbers(one, clip)
             segment = FRAMES // 4
@@ -119,7 +119,7 @@ def test_image_samples_train_and_evaluate_as_images(tmp_path):
     urls = _shard(tmp_path / "i.tar", samples)
     clip = ClipConfig(crop_size=32, test_short_side=36, rand_augment=RandAugmentConfig(enabled=True),
                       erase_prob=0.25, repeated_augment=2, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    clips, labels, keys = next(iter(train_loader(urls, clip, batch_size=2, steps_per_epoch=1, shuffle_buffer=4, seed=0)))
+    clips, labels, keys = next(iter(train_loader(urls, clip, batch_size=2, batches=1, shuffle_buffer=4, seed=0)))
     assert clips.shape == (4, 3, 32, 32) and keys[:2] == keys[2:]
     views = [v for v, _, _ in eval_samples(urls, clip, spatial=3)]
     assert len(views) == 4 and views[0].shape == (3, 3, 32, 32)

@@ -15,7 +15,7 @@ import mvit
 from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.train import optim
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import BatchPlan, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -103,13 +103,11 @@ def test_recipe_matches_the_official_recipe_key_by_key(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_keeps_its_global_batch_on_its_workers(name):
     cfg = load_config(TrainConfig, CONFIGS / name, ["dataset=unused"], section="train")
-    steps = optim.accumulation_steps(cfg.optim.global_batch, cfg.batch_size, cfg.num_workers)
-    effective = cfg.batch_size * cfg.num_workers * steps
-    # the LR the run uses is the recipe's at that batch
-    assert optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, effective) == pytest.approx(
-        cfg.optim.lr * effective / cfg.optim.lr_batch)
-    if name.startswith(("kinetics", "ssv2")):
-        assert effective == 512
+    # every world size the recipe may run with cuts the recipe's global batch into whole micro-batches
+    plans = [BatchPlan.of(cfg.global_batch(), cfg.batch_size, world) for world in cfg.world_sizes()]
+    assert {plan.global_batch for plan in plans} == {cfg.global_batch()}
+    if name.startswith(("kinetics", "ssv2")):  # the official 512 videos per step on the recipe's 8 workers
+        assert cfg.global_batch() == 512 and plans[-1].accumulation(0) * cfg.batch_size * cfg.num_workers == 512
 
 
 def test_print_config_shows_a_recipe_without_its_required_keys(capsys):
