@@ -4,7 +4,11 @@ A training checkpoint is a directory (Ray Train's) holding `model.pt`:
 
     {"format": "mvit-train-v1", "model": state_dict, "config": MViTConfig dict, "model_name": str,
      "train_config": the run's effective config (credentials redacted), "label_map": {name: id},
+     "lineage": Lineage dict (dataset, its digest and input fingerprint, the stored clips' fps, code version),
      "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "epoch_metrics": {...}}
+
+(`lineage` was added later: checkpoints without it load with an empty one; serving then keeps a video's
+own frame rate, as it did before.)
 
 It is a superset of `mvit`'s own checkpoint format (`model` + `config`), so `mvit.create_model(name,
 checkpoint=...)` and `mvit convert` read it too. The model is rebuilt from the stored `MViTConfig`, not
@@ -18,7 +22,7 @@ Train writes it (`save_training_state`), evaluate/register/predict and the MLflo
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,25 @@ from pipelines.data.clips import ClipConfig
 
 CHECKPOINT_FILE = "model.pt"
 FORMAT = "mvit-train-v1"
-# What inference needs: weights, how to rebuild the model, labels, how clips are cut.
-SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "step")
+# What inference needs: weights, how to rebuild the model, labels, how clips are cut (and at what fps).
+SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "lineage", "step")
+
+
+@dataclass
+class Lineage:
+    """Where a trained model comes from, and the time scale of what it saw (serving resamples to it)."""
+
+    dataset: str = ""  # the training dataset prefix (holds manifest.json)
+    manifest_digest: str = ""  # Manifest.digest(): the shards' identity
+    input_fingerprint: str = ""  # manifest.input_fingerprint: the raw inputs and preprocessing config
+    fps: float = 0.0  # frame rate of the stored training clips (0: not known)
+    short_side: int = 0  # their short side in pixels (preprocessing's short_side; 0: not known)
+    code_version: str = ""  # pipelines/provenance.py code_version() of the training driver
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Lineage":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
 
 def checkpoint_file(checkpoint: str) -> str:
@@ -41,7 +62,7 @@ def checkpoint_file(checkpoint: str) -> str:
 
 def save_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler, *, epoch: int, step: int,
                         model_name: str, train_config: dict[str, Any], label_map: dict[str, int],
-                        epoch_metrics: dict[str, float] | None = None) -> Path:
+                        lineage: Lineage | None = None, epoch_metrics: dict[str, float] | None = None) -> Path:
     """Write `directory/model.pt`: the weights plus everything needed to resume, rebuild and use the model."""
     module = getattr(model, "module", model)  # unwrap DDP
     path = directory / CHECKPOINT_FILE
@@ -53,6 +74,7 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
             "model_name": model_name,
             "train_config": redact(train_config),
             "label_map": label_map,
+            "lineage": redact(asdict(lineage or Lineage())),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
@@ -100,6 +122,7 @@ class TrainedModel:
     clip: ClipConfig
     train_config: dict[str, Any]
     step: int
+    lineage: Lineage = field(default_factory=Lineage)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "TrainedModel":
@@ -111,7 +134,7 @@ class TrainedModel:
         train_config = state.get("train_config", {})
         clip = from_dict(ClipConfig, train_config.get("clip", {}), origin="checkpoint train_config.clip")
         return cls(model.eval(), state.get("model_name", ""), dict(state["label_map"]), clip, train_config,
-                   int(state.get("step", 0)))
+                   int(state.get("step", 0)), Lineage.from_dict(state.get("lineage")))
 
     @classmethod
     def load(cls, uri: str) -> "TrainedModel":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pipelines.config import split_credentials
+
 # Settings a Ray worker on a *cluster* needs to reach the same storage and tracking server as the driver.
 # Credentials are deliberately not among them: a runtime env is shown in plain text by the Ray dashboard
 # and the Jobs API, so cluster nodes get theirs from an instance role or a Kubernetes Secret (infra/).
@@ -31,7 +33,9 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def forwarded_env() -> dict[str, str]:
-    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    """The FORWARDED_ENV settings of this process, URIs without `user:password@` (the cluster's own
+    environment or a Secret holds its credentials, e.g. MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    return {name: split_credentials(os.environ[name])[0] for name in FORWARDED_ENV if os.environ.get(name)}
 
 
 def runtime_env() -> dict:

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from pipelines.data.video import clip_indices, clip_starts, decode, decode_frames
+from pipelines.data.video import (
+    VideoInput,
+    clip_indices,
+    clip_starts,
+    decode_at,
+    decode_frames,
+    frame_times,
+    resample_stream,
+)
 
 
 @dataclass
@@ -65,20 +73,34 @@ def train_clip(data: bytes, frames_in_video: int, clip: ClipConfig, transform, r
     return to_model_input(decode_frames(data, index, threads=LOADER_DECODE_THREADS), transform, clip)
 
 
-def eval_views(data: bytes, clip: ClipConfig, views: int, frames_in_video: int | None = None) -> torch.Tensor:
-    """`views` evenly spaced temporal clips of one video: (views, C, T, H, W).
-
-    With `frames_in_video` (a stored sample), only the views' frames are decoded; without it (any video
-    a user hands to the registered model), the whole video is decoded once.
-    """
+def eval_views(data: bytes, clip: ClipConfig, views: int, frames_in_video: int) -> torch.Tensor:
+    """`views` evenly spaced temporal clips of a stored sample of `frames_in_video` frames:
+    (views, C, T, H, W); only the views' frames are decoded."""
     transform = eval_transform(clip)
-    if frames_in_video:
-        starts = clip_starts(frames_in_video, clip.num_frames, clip.sampling_rate, views)
-        index = [clip_indices(frames_in_video, clip.num_frames, clip.sampling_rate, s) for s in starts]
-        frames = decode_frames(data, np.concatenate(index), threads=LOADER_DECODE_THREADS)
-        clips = np.split(frames, views)
-    else:
-        everything = decode(data).frames
-        clips = [everything[clip_indices(len(everything), clip.num_frames, clip.sampling_rate, s)]
-                 for s in clip_starts(len(everything), clip.num_frames, clip.sampling_rate, views)]
-    return torch.stack([to_model_input(frames, transform, clip) for frames in clips])
+    starts = clip_starts(frames_in_video, clip.num_frames, clip.sampling_rate, views)
+    index = [clip_indices(frames_in_video, clip.num_frames, clip.sampling_rate, s) for s in starts]
+    frames = decode_frames(data, np.concatenate(index), threads=LOADER_DECODE_THREADS)
+    return torch.stack([to_model_input(frames, transform, clip) for frames in np.split(frames, views)])
+
+
+def video_views(source: VideoInput, clip: ClipConfig, views: int, fps: float, stored_short_side: int = 0) -> torch.Tensor:
+    """`views` evenly spaced temporal clips of any video (a user's, at any resolution, frame rate or
+    length), cut as `eval_views` cuts a stored sample of the same motion: (views, C, T, H, W).
+
+    The video is seen at `fps`, the frame rate of the clips the model trained on (0: the video's own):
+    its frames' timestamps (`frame_times`, no decoding) are put on that time grid by preprocessing's rule
+    (`resample_stream`: each grid point takes the frame on screen), the views are chosen on the grid, and
+    only their frames are decoded, resized while decoding (`decode_at`) to the test short side, or to
+    `stored_short_side` (the training data's, when smaller) so that the eval transform then scales them
+    as it scales stored samples. Memory is that of the views' frames, whatever the video's length and
+    resolution."""
+    times = frame_times(source)
+    grid = np.fromiter(resample_stream(((t, i) for i, t in enumerate(times.tolist())), fps), dtype=np.int64)
+    starts = clip_starts(len(grid), clip.num_frames, clip.sampling_rate, views)
+    picks = [grid[clip_indices(len(grid), clip.num_frames, clip.sampling_rate, s)] for s in starts]
+    short_side = max(clip.test_short_side, clip.crop_size)
+    if stored_short_side:
+        short_side = min(short_side, stored_short_side)
+    frames = decode_at(source, times, np.concatenate(picks), short_side=short_side)
+    transform = eval_transform(clip)
+    return torch.stack([to_model_input(np.stack([frames[int(i)] for i in pick]), transform, clip) for pick in picks])

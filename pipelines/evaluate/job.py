@@ -48,6 +48,11 @@ class EvaluateResult(StageResult):
         """The MLflow metric this evaluation is logged as."""
         return f"eval/{self.split}/top1"
 
+    def identity_tags(self) -> dict[str, str]:
+        """What the numbers were measured on, as run tags next to the metrics (`register` compares two
+        models only on evaluations with the same tags)."""
+        return tracking.evaluation_tags(self.split, self.dataset_digest, self.temporal_views)
+
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:
     manifest = read_manifest(cfg.dataset)
@@ -61,16 +66,16 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     score = score_videos(trained.model, urls, trained.clip, num_classes=len(manifest.label_map),
                          device=torch.device("cpu"), views=cfg.temporal_views, batch_size=cfg.batch_size,
                          precision=precision)
-    uri = tracking.resolve_uri(cfg.mlflow.tracking_uri) if cfg.mlflow_run_id else ""
+    uri = tracking.connect(cfg.mlflow.tracking_uri) if cfg.mlflow_run_id else ""
     report = EvaluateResult(split=cfg.split, videos=score.total, temporal_views=cfg.temporal_views,
                             top1=score.top1, top5=score.top5, checkpoint=cfg.checkpoint, dataset=cfg.dataset,
                             dataset_digest=manifest.digest(), mlflow_run_id=cfg.mlflow_run_id, tracking_uri=uri)
     if cfg.mlflow_run_id:
-        tracking.check_server(uri)
         tracker = tracking.MlflowTracker(uri, cfg.mlflow_run_id)
         tracking.log_config(tracker.client, cfg.mlflow_run_id, "evaluate", cfg)
+        # One batch: the metrics and the tags saying what they were measured on change together.
         tracker.log_metrics({report.metric_key: report.top1, f"eval/{cfg.split}/top5": report.top5},
-                            step=trained.step)
+                            step=trained.step, tags=report.identity_tags())
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"eval_{cfg.split}.json")
             Path(path).write_text(json.dumps(report.to_dict(), indent=1))

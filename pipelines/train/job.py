@@ -6,9 +6,11 @@ import json
 from dataclasses import dataclass, replace
 
 from pipelines import tracking
+from pipelines.artifact import Lineage
 from pipelines.config import StageResult
 from pipelines.data import storage
-from pipelines.data.shards import DatasetError, read_manifest
+from pipelines.data.shards import DatasetError, read_manifest, stored_fps
+from pipelines.provenance import code_version
 from pipelines.raycluster import ensure_ray
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import train_loop_per_worker
@@ -49,14 +51,22 @@ def run(cfg: TrainConfig) -> TrainResult:
     storage.check_reachable(cfg.storage_path)
     run_name = cfg.resolved_run_name()
     run_dir = storage.join(cfg.storage_path, run_name)
-    tracking_uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
-    run_id = tracking.open_run(cfg, manifest, run_dir)
+    tracking_uri = tracking.connect(cfg.mlflow.tracking_uri)  # without credentials: safe to print and store
+    if cfg.mlflow.tracking_uri:
+        cfg = replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=tracking_uri))
+    run_id = tracking.open_run(cfg, manifest, run_dir, tracking_uri)
+    lineage = Lineage(dataset=cfg.dataset, manifest_digest=manifest.digest(),
+                      input_fingerprint=manifest.input_fingerprint, fps=stored_fps(cfg.dataset, manifest),
+                      short_side=int(manifest.config.get("short_side") or 0), code_version=code_version())
 
     ensure_ray(cfg.ray)
     filesystem, path = storage.pyarrow_filesystem(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "run_id": run_id, "tracking_uri": tracking_uri, "run_dir": run_dir},
+        # The MLflow credentials travel in memory to the workers, which may have started before this process
+        # had them (never in the runtime env: the Ray dashboard shows it).
+        train_loop_config={"cfg": cfg, "run_id": run_id, "tracking_uri": tracking_uri, "run_dir": run_dir,
+                           "tracking_credentials": tracking.credentials(), "lineage": lineage},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
