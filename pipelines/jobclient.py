@@ -135,8 +135,9 @@ def submit_job(client, mvit_args: list[str], *, working_dir: str | None = ".", e
                submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
                metadata: dict[str, str] | None = None, python: str = DEFAULT_PYTHON) -> str:
     renv = job_runtime_env(working_dir, extra_env)
-    forwarded = sorted(k for k in renv["env_vars"] if k not in MERGE_ENV)
-    print(f"[submit] {entrypoint(mvit_args, python)}", file=sys.stderr, flush=True)
+    forwarded = sorted(k for k in renv["env_vars"] if k not in MERGE_ENV and k != CODE_VERSION_ENV)
+    print(f"[submit] {entrypoint(mvit_args, python)}  (code {renv['env_vars'][CODE_VERSION_ENV]})", file=sys.stderr,
+          flush=True)
     print(f"[submit] env forwarded (names only): {', '.join(forwarded) or 'none'}; working_dir: "
           f"{renv.get('working_dir', 'none (the cluster image code)')}", file=sys.stderr, flush=True)
     return client.submit_job(entrypoint=entrypoint(mvit_args, python), runtime_env=renv, submission_id=submission_id,

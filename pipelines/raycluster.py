@@ -57,6 +57,9 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls: without
     # it the driver log fills with "Failed to query Ray Train Controller actor state" warnings.
-    context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    # address="local": a new instance of our own, never a cluster someone else `ray start`-ed on this machine
+    # (which ray.init() without an address joins).
+    context = ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=True,
+                       dashboard_host="127.0.0.1", **kwargs)
     if context.dashboard_url:
         print(f"[ray] embedded Ray started; dashboard at http://{context.dashboard_url}", flush=True)

@@ -24,6 +24,14 @@ CSV_COLUMNS = ("video", "path")  # the column of a CSV that names the videos (th
 COLUMNS = ["key", "video", "label", "top5_labels", "top5_scores", "error"]
 
 
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("order", pa.int64()), ("key", pa.string()), ("video", pa.string()), ("label", pa.string()),
+                      ("top5_labels", pa.list_(pa.string())), ("top5_scores", pa.list_(pa.float64())),
+                      ("error", pa.string())])
+
+
 def list_videos(inputs: list[str]) -> list[dict[str, str]]:
     """[{"key", "video"}] for every input: a video file (key: as given), a folder or s3:// prefix (every
     video under it; key: its relative path) or a .csv with a `video` or `path` column (relative entries
@@ -73,7 +81,9 @@ class VideoScorer:
         with tracking.fluent(tracking_uri):
             self.classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame):
+        import pyarrow as pa
+
         from pipelines.data.video import VideoError
 
         out = []
@@ -82,7 +92,9 @@ class VideoScorer:
                 out.append({**self.classifier.classify(str(video)), "error": ""})
             except (VideoError, OSError) as exc:  # this video's fault (or gone): record it, score the others
                 out.append({"label": "", "top5_labels": [], "top5_scores": [], "error": f"{type(exc).__name__}: {exc}"})
-        return pd.concat([batch.reset_index(drop=True), pd.DataFrame(out)], axis=1)
+        rows = pd.concat([batch.reset_index(drop=True), pd.DataFrame(out)], axis=1)
+        # Typed, so that a batch of failures alone (empty lists) has the same schema as the others.
+        return pa.Table.from_pandas(rows, schema=_schema(), preserve_index=False)
 
 
 def predict_table(model_uri: str, inputs: list[str], *, tracking_uri: str = "", workers: int = 1, batch_size: int = 4,

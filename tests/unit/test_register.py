@@ -53,3 +53,20 @@ def test_lineage_tags_come_from_the_checkpoint():
         "mvit.training_run_id": "run1", "mvit.dataset_manifest": "s3://b/ds/manifest.json",
         "mvit.dataset_digest": "abc", "mvit.input_fingerprint": "fp", "mvit.init_checkpoint": "s3://b/k400.pyth",
         "mvit.code_version": "git:123", "mvit.clip_fps": "15.0"}
+
+
+def test_the_stored_frame_rate_is_the_preprocessing_fps_or_the_samples_median(tmp_path):
+    import json
+
+    from pipelines.data.shards import INDEX, Manifest, stored_fps
+
+    def manifest(fps: float) -> Manifest:
+        return Manifest(num_samples=3, label_map={"a": 0}, shards=[], config={"fps": fps}, input_fingerprint="f",
+                        inputs=3, quarantined=0)
+
+    assert stored_fps(str(tmp_path), manifest(30.0)) == 30.0
+    assert stored_fps(str(tmp_path), manifest(0)) == 0.0  # sources' rates kept, and no index to read them from
+    rows = [{"split": "train", "fps": 25.0}, {"split": "train", "fps": 30.0}, {"split": "train", "fps": 30.0},
+            {"split": "val", "fps": 60.0}]
+    (tmp_path / INDEX).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert stored_fps(str(tmp_path), manifest(0)) == 30.0
