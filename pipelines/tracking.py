@@ -151,11 +151,20 @@ def fluent(uri: str) -> Iterator[None]:
     """MLflow's fluent API (which reads only the process-wide tracking URI) pointed at `uri` for the
     duration of the block, then back to what it was."""
     # MLflow's own scoped setter (not exported; pinned in constraints.txt): it restores the previous
-    # value even when that was "unset", which the public get/set pair cannot express.
+    # value even when that was "unset", which the public get/set pair cannot express. Restoring "unset"
+    # also deletes $MLFLOW_TRACKING_URI (set_tracking_uri mirrors itself into it), which this process and
+    # its children still read: it is put back as it was.
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def ensure_experiment(mlflow_client, mlflow_cfg) -> str:

@@ -110,17 +110,21 @@ def predict_table(model_uri: str, inputs: list[str], *, tracking_uri: str = "", 
         VideoScorer, fn_constructor_args=(model_uri, uri, tracking.credentials()), batch_size=batch_size,
         batch_format="pandas", concurrency=workers, num_cpus=1,
     )
-    table = scored.to_pandas().sort_values("order").reset_index(drop=True)
-    for name in ("top5_labels", "top5_scores"):
-        table[name] = table[name].map(list)
-    return table[COLUMNS]
+    records = sorted(scored.take_all(), key=lambda row: row["order"])
+    return pd.DataFrame([{name: list(row[name]) if name.startswith("top5") else row[name] for name in COLUMNS}
+                         for row in records], columns=COLUMNS)
 
 
 def write_table(table: pd.DataFrame, output: str) -> None:
     """The table as Parquet (`.parquet`: list columns kept) or CSV (top-5 lists as JSON), local or s3://."""
     buffer = io.BytesIO()
     if output.endswith(".parquet"):
-        table.to_parquet(buffer, index=False)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = _schema()
+        pq.write_table(pa.Table.from_pylist(table.to_dict("records"), schema=schema.remove(schema.get_field_index("order"))),
+                       buffer)
     elif output.endswith(".csv"):
         flat = table.assign(**{name: table[name].map(json.dumps) for name in ("top5_labels", "top5_scores")})
         flat.to_csv(buffer, index=False)

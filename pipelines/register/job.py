@@ -79,8 +79,14 @@ class Evaluation:
 
 
 def evaluation_of(client, run_id: str, metric: str) -> Evaluation:
-    data = client.get_run(run_id).data
+    """What `run_id` records of `metric` (nothing when the run is gone)."""
+    import mlflow
+
     split = METRIC_PATTERN.fullmatch(metric).group("split")
+    try:
+        data = client.get_run(run_id).data
+    except mlflow.exceptions.MlflowException:
+        return Evaluation(None, split, "", "")
     tags = {key.rsplit(".", 1)[1]: data.tags.get(key, "") for key in tracking.evaluation_tags(split, "", 0)}
     value = data.metrics.get(metric)
     return Evaluation(float(value) if value is not None else None, split, tags["dataset_digest"],

@@ -152,6 +152,7 @@ def test_no_secret_in_anything_the_stages_write_or_print(auth_server, services, 
     mvit("train", f"dataset={prefix}/dataset", f"storage_path={prefix}/runs",
                f"mlflow.tracking_uri=http://admin:{URI_PASSWORD}@{dead}", *small, expect=1)
     assert f"http://{dead} does not answer" in printed[-1]
+    secret_env.setenv("MLFLOW_TRACKING_USERNAME", "bob")  # the URI above made this process admin
     secret_env.setenv("MLFLOW_TRACKING_PASSWORD", f"{ENV_PASSWORD}-wrong")
     mvit("evaluate", f"dataset={prefix}/dataset", *run, expect=1)
     assert "refused the credentials of user 'bob' (HTTP 401)" in printed[-1]

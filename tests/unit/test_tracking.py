@@ -111,3 +111,14 @@ def test_ray_runtime_env_and_job_command_lines_carry_no_password(clean_env, monk
     assert forwarded_env()["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     line = entrypoint(["train", f"mlflow.tracking_uri=http://alice:{QUOTED}@mlflow:5000", "epochs=1"])
     assert QUOTED not in line and "mlflow.tracking_uri=http://alice:***@mlflow:5000" in line
+
+
+def test_fluent_scope_leaves_the_environment_as_it_was(clean_env, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server-of-the-environment:5000")
+    import mlflow
+
+    with tracking.fluent("sqlite:///elsewhere.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:///elsewhere.db"
+    # children (and MLflow's default) still see the environment's server
+    assert tracking.os.environ["MLFLOW_TRACKING_URI"] == "http://server-of-the-environment:5000"
+    assert mlflow.get_tracking_uri() == "http://server-of-the-environment:5000"
