@@ -29,7 +29,8 @@ from pipelines.data import storage
 from pipelines.data.synthetic import SyntheticSpec, generate
 from pipelines.stack import free_port
 
-pytestmark = pytest.mark.integration
+# one test runs all four stages: more than the suite's 600 s on a busy 2-core machine
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 URI_PASSWORD = "uriPASS-fake-7c1e0b"  # admin's, written into the tracking URI
 ENV_PASSWORD = "envPASS-fake-93ad4f"  # bob's, in MLFLOW_TRACKING_PASSWORD

@@ -27,7 +27,8 @@ from pipelines.data.video import encode_mp4
 from pipelines.stack import free_port
 from tests.media import render_motion
 
-pytestmark = pytest.mark.integration
+# training the served model (20 epochs) is part of the first test's setup: more than the suite's 600 s on a busy 2-core machine
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "serving-it"
