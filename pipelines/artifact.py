@@ -4,6 +4,7 @@ A training checkpoint is a directory (Ray Train's) holding `model.pt`:
 
     {"format": "mvit-train-v2", "model": state_dict, "config": MViTConfig dict, "model_name": str,
      "train_config": the run's effective config (credentials redacted), "label_map": {name: id},
+     "lineage": Lineage dict (dataset, its digest and input fingerprint, the stored clips' fps, code version),
      "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "epoch_metrics": {...},
      "position": {"epoch": int, "step_in_epoch": int, ...}, "world_size": int, "rng": [per-rank states],
      "skipped_steps": int}
@@ -12,6 +13,9 @@ A training checkpoint is a directory (Ray Train's) holding `model.pt`:
 end-of-epoch checkpoint of epoch e holds (e + 1, 0)); `rng` holds every rank's random generators (torch,
 CUDA, numpy, python) in rank order. Checkpoints written before step checkpoints existed
 ("mvit-train-v1": epoch ends only, no position or generators) still resume (`resume_position`) and load.
+
+(`lineage` was added later: checkpoints without it load with an empty one; serving then keeps a video's
+own frame rate, as it did before.)
 
 It is a superset of `mvit`'s own checkpoint format (`model` + `config`), so `mvit.create_model(name,
 checkpoint=...)` and `mvit convert` read it too. The model is rebuilt from the stored `MViTConfig`, not
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +49,25 @@ CHECKPOINT_FILE = "model.pt"
 FORMAT = "mvit-train-v2"
 BEST_FILE = "best.json"  # in the run directory: which checkpoint scored best
 RESULT_FILE = "result.json"  # in the run directory: the training job's result (holds the latest checkpoint)
-# What inference needs: weights, how to rebuild the model, labels, how clips are cut.
-SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "step")
+# What inference needs: weights, how to rebuild the model, labels, how clips are cut (and at what fps).
+SERVING_KEYS = ("format", "model", "config", "model_name", "train_config", "label_map", "lineage", "step")
+
+
+@dataclass
+class Lineage:
+    """Where a trained model comes from, and the time scale of what it saw (serving resamples to it)."""
+
+    dataset: str = ""  # the training dataset prefix (holds manifest.json)
+    manifest_digest: str = ""  # Manifest.digest(): the shards' identity
+    input_fingerprint: str = ""  # manifest.input_fingerprint: the raw inputs and preprocessing config
+    fps: float = 0.0  # frame rate of the stored training clips (0: not known)
+    short_side: int = 0  # their short side in pixels (preprocessing's short_side; 0: not known)
+    code_version: str = ""  # pipelines/provenance.py code_version() of the training driver
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Lineage":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
 
 def checkpoint_file(checkpoint: str) -> str:
@@ -56,9 +77,9 @@ def checkpoint_file(checkpoint: str) -> str:
 
 def save_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler, *, epoch: int, step: int,
                         model_name: str, train_config: dict[str, Any], label_map: dict[str, int],
-                        epoch_metrics: dict[str, float] | None = None, position: dict[str, Any] | None = None,
-                        rng: list[dict[str, Any]] | None = None, world_size: int = 1,
-                        skipped_steps: int = 0) -> Path:
+                        lineage: Lineage | None = None, epoch_metrics: dict[str, float] | None = None,
+                        position: dict[str, Any] | None = None, rng: list[dict[str, Any]] | None = None,
+                        world_size: int = 1, skipped_steps: int = 0) -> Path:
     """Write `directory/model.pt`: the weights plus everything needed to resume, rebuild and use the model.
     `position` ({"epoch", "step_in_epoch"}: the optimizer steps of that epoch taken, plus what the loop needs
     to finish the epoch's numbers) defaults to the start of the epoch after `epoch`."""
@@ -72,6 +93,7 @@ def save_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
             "model_name": model_name,
             "train_config": redact(train_config),
             "label_map": label_map,
+            "lineage": redact(asdict(lineage or Lineage())),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
@@ -191,6 +213,7 @@ class TrainedModel:
     clip: ClipConfig
     train_config: dict[str, Any]
     step: int
+    lineage: Lineage = field(default_factory=Lineage)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "TrainedModel":
@@ -202,7 +225,7 @@ class TrainedModel:
         train_config = state.get("train_config", {})
         clip = clip_config_from_stored(train_config.get("clip", {}))
         return cls(model.eval(), state.get("model_name", ""), dict(state["label_map"]), clip, train_config,
-                   int(state.get("step", 0)))
+                   int(state.get("step", 0)), Lineage.from_dict(state.get("lineage")))
 
     @classmethod
     def load(cls, uri: str) -> "TrainedModel":

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
 from omegaconf import OmegaConf
@@ -144,19 +145,47 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Query parameters whose values are credentials (tokens, presigned-URL signatures, passwords).
+_SECRET_QUERY_KEY = re.compile(r"token|passw|secret|signature|credential|key", re.IGNORECASE)
+REDACTED = "***"
+
+
+def split_credentials(uri: str) -> tuple[str, str, str]:
+    """(the URI without `user:password@`, user, password); user and password are "" when it has none.
+    Percent-escapes in them are decoded (a password may hold ':' or '@')."""
+    if "://" not in uri or "@" not in uri:
+        return uri, "", ""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, "", ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=host)), unquote(parts.username or ""), unquote(parts.password or "")
+
+
 def redact(value: Any) -> Any:
-    """A URI's password replaced by *** (e.g. mlflow.tracking_uri=postgresql://user:secret@db/mlflow),
-    recursively through dicts and lists: what is printed or logged never carries one."""
+    """Credentials in URIs replaced by *** (a password, e.g. mlflow.tracking_uri=http://user:secret@host, and
+    query values named like token/signature/secret/key), recursively through dicts, lists and tuples:
+    what is printed, logged or stored (configs, stage results, checkpoints) goes through here."""
     if isinstance(value, dict):
         return {k: redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
-    if isinstance(value, str) and "://" in value and "@" in value:
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    try:
         parts = urlsplit(value)
-        if parts.password:
-            host = parts.netloc.rsplit("@", 1)[1]
-            return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    return value
+        password = parts.password
+    except ValueError:  # not a URI after all (e.g. a bad port): nothing of it is a credential we can name
+        return value
+    changed = False
+    if password:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts, changed = parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}"), True
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SECRET_QUERY_KEY.search(k) for k, _ in pairs):
+        hidden = [(k, REDACTED if _SECRET_QUERY_KEY.search(k) else v) for k, v in pairs]
+        parts, changed = parts._replace(query=urlencode(hidden, safe="*")), True
+    return urlunsplit(parts) if changed else value
 
 
 def to_yaml(cfg: Any) -> str:
@@ -183,23 +212,26 @@ def print_effective(stage: str, cfg: Any) -> None:
 
 
 class StageResult:
-    """Base of a stage's typed result (a dataclass): the JSON line its command prints, and back."""
+    """Base of a stage's typed result (a dataclass): the JSON line its command prints, and back.
+
+    A result is printed, written next to checkpoints and kept as Dagster metadata, so it never holds a
+    credential: `to_dict` redacts, and results refer to a server by its URI without `user:password@`
+    (the credentials are found again where the result is used: see pipelines/tracking.py `connect`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return redact(dataclasses.asdict(self))  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        """Rebuild from a result line; keys this version does not know are ignored, missing ones fail."""
+        """Rebuild from a result line; keys this version does not know are ignored; missing ones fail,
+        except fields with a default (added after results of that shape were recorded)."""
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        names = [f.name for f in fields]
-        # A field added later with a default may be absent from results recorded before it existed.
-        optional = {f.name for f in fields if f.default is not dataclasses.MISSING
-                    or f.default_factory is not dataclasses.MISSING}
-        missing = [n for n in names if n not in data and n not in optional]
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
         if missing:
             raise ValueError(f"{cls.__name__}: the result lacks {missing}")
-        return cls(**{n: data[n] for n in names if n in data})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
 
 def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.config import redact
+from pipelines.provenance import CODE_VERSION_ENV, code_version
 from pipelines.raycluster import runtime_env
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -105,11 +107,20 @@ def connect(address: str | None):
 
 
 def entrypoint(mvit_args: list[str], python: str = DEFAULT_PYTHON) -> str:
-    return shlex.join([python, "-m", "pipelines.cli", *mvit_args])
+    """The job's command line, which the Ray dashboard and Jobs API show to anyone: passwords in URIs of
+    `key=value` arguments are redacted (the job finds them in the cluster's environment: a `user:***@`
+    URI takes its password from MLFLOW_TRACKING_PASSWORD there, see pipelines/tracking.py)."""
+    return shlex.join([python, "-m", "pipelines.cli", *map(_redacted_argument, mvit_args)])
+
+
+def _redacted_argument(arg: str) -> str:
+    key, sep, value = arg.partition("=")
+    return f"{key}={redact(value)}" if sep else redact(arg)
 
 
 def job_runtime_env(working_dir: str | None, extra_env: dict[str, str] | None = None) -> dict:
-    env = {**runtime_env()["env_vars"], **MERGE_ENV, **(extra_env or {})}
+    # The job records the submitting checkout's commit: its working dir is uploaded without .git.
+    env = {**runtime_env()["env_vars"], CODE_VERSION_ENV: code_version(), **MERGE_ENV, **(extra_env or {})}
     renv: dict = {"env_vars": env}
     if working_dir:
         path = Path(working_dir).resolve()
@@ -124,8 +135,9 @@ def submit_job(client, mvit_args: list[str], *, working_dir: str | None = ".", e
                submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
                metadata: dict[str, str] | None = None, python: str = DEFAULT_PYTHON) -> str:
     renv = job_runtime_env(working_dir, extra_env)
-    forwarded = sorted(k for k in renv["env_vars"] if k not in MERGE_ENV)
-    print(f"[submit] {entrypoint(mvit_args, python)}", file=sys.stderr, flush=True)
+    forwarded = sorted(k for k in renv["env_vars"] if k not in MERGE_ENV and k != CODE_VERSION_ENV)
+    print(f"[submit] {entrypoint(mvit_args, python)}  (code {renv['env_vars'][CODE_VERSION_ENV]})", file=sys.stderr,
+          flush=True)
     print(f"[submit] env forwarded (names only): {', '.join(forwarded) or 'none'}; working_dir: "
           f"{renv.get('working_dir', 'none (the cluster image code)')}", file=sys.stderr, flush=True)
     return client.submit_job(entrypoint=entrypoint(mvit_args, python), runtime_env=renv, submission_id=submission_id,

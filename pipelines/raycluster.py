@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pipelines.config import split_credentials
+
 # Settings a Ray worker on a *cluster* needs to reach the same storage and tracking server as the driver.
 # Credentials are deliberately not among them: a runtime env is shown in plain text by the Ray dashboard
 # and the Jobs API, so cluster nodes get theirs from an instance role or a Kubernetes Secret (infra/).
@@ -31,7 +33,9 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def forwarded_env() -> dict[str, str]:
-    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    """The FORWARDED_ENV settings of this process, URIs without `user:password@` (the cluster's own
+    environment or a Secret holds its credentials, e.g. MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    return {name: split_credentials(os.environ[name])[0] for name in FORWARDED_ENV if os.environ.get(name)}
 
 
 # An embedded Ray is one machine: nothing can be preempted, and Ray Train's preemption watcher (an actor
@@ -70,6 +74,9 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls: without
     # it the driver log fills with "Failed to query Ray Train Controller actor state" warnings.
-    context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    # address="local": a new instance of our own, never a cluster someone else `ray start`-ed on this machine
+    # (which ray.init() without an address joins).
+    context = ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=True,
+                       dashboard_host="127.0.0.1", **kwargs)
     if context.dashboard_url:
         print(f"[ray] embedded Ray started; dashboard at http://{context.dashboard_url}", flush=True)

@@ -91,9 +91,10 @@ def _evaluation_missing(result: EvaluateResult) -> str | None:
 
     if not result.mlflow_run_id:
         return None  # not logged anywhere: the report is the output
-    tracking.check_server(result.tracking_uri)
+    # A result names its server without credentials: those of this process's config/environment apply.
+    uri = tracking.connect(result.tracking_uri)
     try:
-        metrics = tracking.client(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
+        metrics = tracking.client(uri).get_run(result.mlflow_run_id).data.metrics
     except mlflow.exceptions.MlflowException:
         return f"MLflow run {result.mlflow_run_id} is gone"
     return None if result.metric_key in metrics else f"run {result.mlflow_run_id} has no {result.metric_key}"
@@ -104,9 +105,9 @@ def _model_version_missing(result: RegisterResult) -> str | None:
 
     from pipelines import tracking
 
-    tracking.check_server(result.tracking_uri)
+    uri = tracking.connect(result.tracking_uri)
     try:
-        tracking.client(result.tracking_uri).get_model_version(result.model_name, str(result.version))
+        tracking.client(uri).get_model_version(result.model_name, str(result.version))
     except mlflow.exceptions.MlflowException:
         return f"model version {result.model_name} v{result.version} is gone from the registry"
     return None

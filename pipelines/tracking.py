@@ -10,6 +10,7 @@ pyfunc.load_model), which only reads the process-wide tracking URI, runs inside 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import tempfile
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipelines.config import flatten, to_yaml
+from pipelines.config import REDACTED, flatten, split_credentials, to_yaml
 from pipelines.data import storage
 
 # With no tracking URI configured or exported, runs go to a SQLite store under the directory the command
@@ -56,23 +57,105 @@ def _local_store_dir(uri: str) -> Path | None:
     return None
 
 
+# MLflow's own settings for authenticating to a tracking server (read by its REST client at each request).
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+CREDENTIAL_ENV = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV)
+
+
+def connect(configured: str = "") -> str:
+    """Set this process up to talk to the tracking server, and return its URI *without credentials*: the
+    one to print, store in results and hand to MLflow clients.
+
+    The server is `configured` (a config's mlflow.tracking_uri), else $MLFLOW_TRACKING_URI, else the local
+    store (`default_local_uri`). Credentials written into a URI (`http://user:password@host:5000`) are moved into
+    MLflow's own mechanism, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's
+    environment (they win over values already there): urllib cannot open such a URI, and MLflow's errors
+    would print it. $MLFLOW_TRACKING_URI itself is rewritten without them, so child processes and Ray
+    runtime envs never see them. A URI without credentials (e.g. one read back from a stage result) uses
+    whatever MLflow finds: those variables, ~/.mlflow/credentials or MLFLOW_TRACKING_TOKEN.
+    An http(s) server is checked at once (`check_server`)."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if from_env:
+        os.environ["MLFLOW_TRACKING_URI"] = adopt_credentials(from_env)
+    uri = adopt_credentials(resolve_uri(configured))
+    check_server(uri)
+    return uri
+
+
+def adopt_credentials(uri: str) -> str:
+    """`uri` without `user:password@`; those move into MLflow's variables of this process's environment."""
+    clean, user, password = split_credentials(uri)
+    if user:
+        os.environ[USERNAME_ENV] = user
+    if password and password != REDACTED:  # a URI read back from a redacted record carries no password
+        os.environ[PASSWORD_ENV] = password
+    return clean
+
+
+def credentials() -> dict[str, str]:
+    """The MLflow credentials of this process's environment, for processes that did not inherit it (Ray
+    workers started earlier or elsewhere): passed in memory, never in a runtime env (the Ray dashboard
+    shows those in plain text)."""
+    return {name: os.environ[name] for name in CREDENTIAL_ENV if os.environ.get(name)}
+
+
+def use_credentials(creds: dict[str, str]) -> None:
+    """In a worker: authenticate as the driver does (see `credentials`)."""
+    os.environ.update({name: value for name, value in creds.items() if name in CREDENTIAL_ENV})
+
+
+def _auth_header() -> dict[str, str]:
+    """The Authorization header MLflow's REST client would send (same sources, same precedence)."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    if creds.username and creds.password:
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    if os.environ.get(TOKEN_ENV):
+        return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+    return {}
+
+
+def _get(url: str, timeout: float, headers: dict[str, str]) -> int:
+    """HTTP status of GET `url`; raises OSError/URLError when nothing answers."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """MLflow's client retries an unreachable server for minutes; fail in seconds instead."""
+    """Fail in seconds, with a message saying what to do, where MLflow's client would retry for minutes:
+    the server must answer /health, and accept this process's credentials (a search of one experiment;
+    /health itself needs none). `uri` carries no credentials (see `connect`), so messages can name it."""
     if not uri.startswith(("http://", "https://")):
         return
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        problem = f"HTTP {exc.code}"
+        status = _get(base + "/health", timeout, {})
+        if status == 200:
+            status = _get(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout, _auth_header())
+            if status in (401, 403):
+                raise TrackingError(_refused(uri, status))
+            return  # any other answer is the server's own business, reported by MLflow's client
+        problem = f"HTTP {status}"
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise TrackingError(
         f"the MLflow tracking server at {uri} does not answer ({problem}); start one (`mvit stack up`) "
         "or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to a server that runs"
     )
+
+
+def _refused(uri: str, status: int) -> str:
+    user = os.environ.get(USERNAME_ENV)
+    who = f"the credentials of user {user!r}" if user else "requests without credentials"
+    return (f"the MLflow tracking server at {uri} refused {who} (HTTP {status}); set {USERNAME_ENV} and "
+            f"{PASSWORD_ENV} (or {TOKEN_ENV}), or put user:password@ in the tracking URI")
 
 
 def client(uri: str):
@@ -116,12 +199,11 @@ def ensure_experiment(mlflow_client, mlflow_cfg) -> str:
     return mlflow_client.create_experiment(mlflow_cfg.experiment, artifact_location=location)
 
 
-def open_run(cfg, manifest, run_dir: str) -> str:
-    """Create the job's run, or return the one an earlier attempt of the same job created."""
+def open_run(cfg, manifest, run_dir: str, uri: str) -> str:
+    """Create the job's run on the server at `uri` (see `connect`), or return the one an earlier attempt of
+    the same job created."""
     import mlflow
 
-    uri = resolve_uri(cfg.mlflow.tracking_uri)
-    check_server(uri)
     mlflow_client = client(uri)
     id_uri = storage.join(run_dir, "mlflow_run_id")
     if storage.exists(id_uri):
@@ -189,8 +271,15 @@ class Attempt:
         return f"{self.batch_plan}, {start}" + (f", {self.steps_redone} steps redone" if self.steps_redone else "")
 
 
+def evaluation_tags(split: str, dataset_digest: str, views: str) -> dict[str, str]:
+    """The run tags that say what the run's latest `eval/<split>/*` metrics were measured on (logged by
+    `mvit evaluate` with them; `mvit register` compares models only when these agree)."""
+    return {f"mvit.eval.{split}.dataset_digest": dataset_digest,
+            f"mvit.eval.{split}.views": views}  # "<temporal>x<spatial>"
+
+
 class Tracker(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> None: ...
     def log_metrics_once(self, metrics: dict[str, float], step: int) -> None: ...
     def last_step(self, key: str) -> int: ...
     def mark_resumed(self, epoch: int) -> None: ...
@@ -201,7 +290,7 @@ class Tracker(Protocol):
 class NullTracker:
     """What ranks other than 0 get: side effects happen on rank 0 only."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> None:
         pass
 
     def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
@@ -226,12 +315,13 @@ class MlflowTracker:
         self.uri = uri
         self.run_id = run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def log_metrics(self, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None) -> None:
+        """`metrics` at `step`, and `tags` in the same request."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
 
     def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
         """Log unless the run already holds these metrics at `step` (a restart redoing an epoch)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipelines.data import augment, sampling
-from pipelines.data.video import decode, decode_frames
+from pipelines.data.video import VideoInput, decode, decode_at, decode_frames, frame_times, resample_stream
 
 SAMPLINGS = ("window", "segments")
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -197,3 +197,30 @@ def eval_views(data: bytes, clip: ClipConfig, temporal: int | None = None, frame
     if image:
         views = views[:, 0]  # (spatial, C, H, W)
     return to_model_layout(views, clip, image)
+
+
+def video_views(source: VideoInput, clip: ClipConfig, views: int | None = None, fps: float = 0.0,
+                stored_short_side: int = 0, *, spatial: int | None = None) -> torch.Tensor:
+    """The test views of any video (a user's, at any resolution, frame rate or length), cut as
+    `eval_views` cuts a stored sample of the same motion: (views * spatial, C, T, H, W); `views` temporal
+    clips and `spatial` crops (None: the recipe's).
+
+    The video is seen at `fps`, the frame rate of the clips the model trained on (0: the video's own):
+    its frames' timestamps (`frame_times`, no decoding) are put on that time grid by preprocessing's rule
+    (`resample_stream`: each grid point takes the frame on screen), the views' frames are chosen on the
+    grid, and only those are decoded, resized while decoding (`decode_at`) to the test short side, or to
+    `stored_short_side` (the training data's, when smaller) so that the test crops then scale them as they
+    scale stored samples. Memory is that of the views' frames, whatever the video's length and resolution."""
+    temporal = views or clip.test_temporal_views
+    spatial = spatial or clip.test_spatial_views
+    times = frame_times(source)
+    grid = np.fromiter(resample_stream(((t, i) for i, t in enumerate(times.tolist())), fps), dtype=np.int64)
+    picks = grid[eval_frame_indices(len(grid), clip, temporal)]  # (temporal, T) frames of the video
+    short_side = max(clip.test_short_side, clip.crop_size)
+    if stored_short_side:
+        short_side = min(short_side, stored_short_side)
+    frames = decode_at(source, times, picks.reshape(-1), short_side=short_side)
+    decoded = torch.from_numpy(np.stack([frames[int(i)] for i in picks.reshape(-1)])).permute(0, 3, 1, 2)
+    clips = decoded.reshape(temporal, clip.num_frames, *decoded.shape[1:])  # (temporal, T, C, H, W)
+    views = sampling.eval_view_crops(clips, clip.crop_size, spatial, clip.test_short_side)
+    return to_model_layout(augment.normalize(views, tuple(clip.mean), tuple(clip.std)), clip, image=False)

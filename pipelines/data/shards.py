@@ -154,6 +154,21 @@ def _prefix_exists(prefix: str) -> bool:
         return False
 
 
+def stored_fps(prefix: str, manifest: Manifest, split: str = "train") -> float:
+    """The frame rate of the stored videos of `split` (what a model trained on them takes as its time
+    scale): the preprocessing `fps`, or for a dataset that kept its sources' rates (fps 0) the median rate
+    of the split's samples in index.jsonl. 0.0 when neither is known (images; a dataset without an index)."""
+    configured = float(manifest.config.get("fps") or 0)
+    if configured > 0:
+        return configured
+    index = storage.join(prefix, INDEX)
+    if not storage.exists(index):
+        return 0.0
+    rates = sorted(float(entry.get("fps") or 0) for entry in map(json.loads, storage.read_bytes(index).splitlines())
+                   if entry.get("split") == split and entry.get("fps"))
+    return rates[len(rates) // 2] if rates else 0.0
+
+
 def sample_metadata(sample: dict) -> dict:
     return json.loads(sample["json"])
 

@@ -175,6 +175,62 @@ def decode(
                         info.rotation)
 
 
+def frame_times(data: VideoInput) -> np.ndarray:
+    """Presentation times (seconds, ascending) of the frames of the first video stream, read from the
+    demuxed packets: nothing is decoded, so a long high-resolution video costs one read of its bytes."""
+    with _open(data) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream", f"streams: {[s.type for s in container.streams]}")
+        stream = container.streams.video[0]
+        base = stream.time_base
+        try:
+            times = [float(packet.pts * base) for packet in container.demux(stream)
+                     if packet.pts is not None and packet.size]
+        except av.error.FFmpegError as exc:
+            raise VideoError("undecodable", str(exc)) from None
+    if not times:
+        raise VideoError("no frames", "the video stream has no timed packets")
+    return np.sort(np.asarray(times))
+
+
+def decode_at(data: VideoInput, times: np.ndarray, wanted, *, short_side: int = 0, max_gap_s: float = 2.0,
+              threads: int = 0) -> dict[int, np.ndarray]:
+    """Frames number `wanted` (indices into `times`, from `frame_times`) as {index: upright RGB frame},
+    resized by swscale to `short_side` while decoding (never upscaled; 0: as stored).
+
+    Wanted frames closer than `max_gap_s` are decoded in one pass; each pass seeks to the keyframe
+    before its first frame (see `iter_frames`), so a few clips of a long video cost a few GOPs of
+    decoding, and memory holds only the wanted frames. A frame the decoder does not return (a damaged
+    packet) is replaced by the nearest earlier one of its pass."""
+    wanted = sorted({int(i) for i in wanted})
+    runs: list[list[int]] = []
+    for index in wanted:
+        if runs and times[index] - times[runs[-1][-1]] <= max_gap_s:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    tolerance = 1e-6  # packet and frame times are the same pts x time_base, computed in two ways
+    got: dict[int, np.ndarray] = {}
+    for run in runs:
+        last = run[-1]
+        end_s = (times[last] + times[last + 1]) / 2 if last + 1 < len(times) else None
+        keep = set(run)
+        decoded: dict[int, np.ndarray] = {}
+        timed = iter_frames(data, SourceInfo(), short_side=short_side, start_s=float(times[run[0]]) - tolerance,
+                            end_s=end_s, threads=threads)
+        with contextlib.closing(timed):
+            for t, array in timed:
+                i = int(np.searchsorted(times, t - tolerance))
+                if i < len(times) and abs(times[i] - t) <= tolerance and i in keep:
+                    decoded[i] = array
+        if not decoded:
+            raise VideoError("undecodable", f"no frame between {times[run[0]]:.3f}s and {times[last]:.3f}s decoded")
+        present = sorted(decoded)
+        for i in run:
+            got[i] = decoded[present[max(0, int(np.searchsorted(present, i, side="right")) - 1)]]
+    return got
+
+
 def resample_stream(timed: Iterable[tuple[float, np.ndarray]], dst_fps: float) -> Iterator[np.ndarray]:
     """Frames on a constant `dst_fps` grid from frames shown at their times (variable frame rate
     allowed): each grid point takes the frame on screen at that moment (dropping or repeating frames), as

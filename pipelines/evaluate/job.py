@@ -90,6 +90,11 @@ class EvaluateResult(StageResult):
         """The MLflow metric this evaluation is logged as."""
         return f"eval/{self.split}/top1"
 
+    def identity_tags(self) -> dict[str, str]:
+        """What the numbers were measured on, as run tags next to the metrics (`register` compares two
+        models only on evaluations with the same tags)."""
+        return tracking.evaluation_tags(self.split, self.dataset_digest, f"{self.temporal_views}x{self.spatial_views}")
+
 
 # ------------------------------------------------------------------------------------------------ scoring
 
@@ -243,7 +248,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     labels = trained.labels
     score = Score.of(predictions["label"].to_numpy(), np.array([r["top5_ids"] for r in rows]).reshape(len(rows), -1),
                      len(labels))
-    uri = tracking.resolve_uri(cfg.mlflow.tracking_uri) if cfg.mlflow_run_id else ""
+    uri = tracking.connect(cfg.mlflow.tracking_uri) if cfg.mlflow_run_id else ""
     out = storage.absolute(cfg.output) if cfg.output else _default_output(cfg.checkpoint, cfg.split)
     report = EvaluateResult(split=cfg.split, videos=score.total, temporal_views=temporal, spatial_views=spatial,
                             top1=score.top1, top5=score.top5, videos_per_s=score.total / seconds if seconds else 0.0,
@@ -251,11 +256,12 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
                             output=out, mlflow_run_id=cfg.mlflow_run_id, tracking_uri=uri)
     tracker = None
     if cfg.mlflow_run_id:
-        tracking.check_server(uri)
         tracker = tracking.MlflowTracker(uri, cfg.mlflow_run_id)
         tracking.log_config(tracker.client, cfg.mlflow_run_id, "evaluate", cfg)
+        # One batch: the metrics and the tags saying what they were measured on change together.
         tracker.log_metrics({report.metric_key: report.top1, f"eval/{cfg.split}/top5": report.top5,
-                             f"eval/{cfg.split}/videos_per_s": report.videos_per_s}, step=trained.step)
+                             f"eval/{cfg.split}/videos_per_s": report.videos_per_s}, step=trained.step,
+                            tags=report.identity_tags())
     _write_outputs(out, report, predictions, score.per_class(labels), score.confusion, labels, tracker)
     print(f"[evaluate] {cfg.split}: top1 {report.top1:.4f} top5 {report.top5:.4f} over {score.total} videos "
           f"({temporal} temporal x {spatial} spatial views, {report.videos_per_s:.2f} videos/s, "

@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass, replace
 
 from pipelines import artifact, tracking
+from pipelines.artifact import Lineage
 from pipelines.config import StageResult
 from pipelines.data import storage
-from pipelines.data.shards import DatasetError, read_manifest
+from pipelines.data.shards import DatasetError, read_manifest, stored_fps
+from pipelines.provenance import code_version
 from pipelines.raycluster import ensure_ray
 from pipelines.train import init
 from pipelines.train.config import TrainConfig
@@ -92,25 +94,33 @@ def run(cfg: TrainConfig) -> TrainResult:
     storage.check_reachable(cfg.storage_path)
     run_name = cfg.resolved_run_name()
     run_dir = storage.join(cfg.storage_path, run_name)
-    tracking_uri = tracking.resolve_uri(cfg.mlflow.tracking_uri)
+    tracking_uri = tracking.connect(cfg.mlflow.tracking_uri)  # without credentials: safe to print and store
+    if cfg.mlflow.tracking_uri:
+        cfg = replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=tracking_uri))
     # Fine-tuning: the weights are read here, once, checked against the run's model (a wrong architecture
     # fails before any worker starts), and handed to the workers through the object store.
     weights = init.read_init_weights(cfg.init_checkpoint, tracking_uri) if cfg.init_checkpoint else None
     report = init.describe(build_model(cfg, manifest.label_map, weights.state), weights.state,
                            manifest.label_map) if weights else None
-    run_id = tracking.open_run(cfg, manifest, run_dir)
+    run_id = tracking.open_run(cfg, manifest, run_dir, tracking_uri)
     if weights:
         print(f"[train] init from {weights.source} {weights.lineage or ''}: {len(report.loaded)} tensors loaded, "
               f"new: {report.new or 'none'}", flush=True)
         init.record_lineage(weights, report, tracking.client(tracking_uri), run_id)
+    lineage = Lineage(dataset=cfg.dataset, manifest_digest=manifest.digest(),
+                      input_fingerprint=manifest.input_fingerprint, fps=stored_fps(cfg.dataset, manifest),
+                      short_side=int(manifest.config.get("short_side") or 0), code_version=code_version())
 
     ensure_ray(cfg.ray)
     weights_ref = ray.put(weights.state) if weights else None
     filesystem, path = storage.pyarrow_filesystem(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
+        # The MLflow credentials travel in memory to the workers, which may have started before this process
+        # had them (never in the runtime env: the Ray dashboard shows it).
         train_loop_config={"cfg": cfg, "run_id": run_id, "tracking_uri": tracking_uri, "run_dir": run_dir,
-                           "init_weights": weights_ref},
+                           "init_weights": weights_ref, "tracking_credentials": tracking.credentials(),
+                           "lineage": lineage},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling_workers(cfg),

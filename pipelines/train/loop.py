@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import mvit
-from pipelines import artifact
+from pipelines import artifact, tracking
 from pipelines.data import storage
 from pipelines.data.loader import rank_shards, train_loader
 from pipelines.data.shards import read_manifest
@@ -84,6 +84,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     cfg: TrainConfig = loop_config["cfg"]
     run_id: str = loop_config["run_id"]
     tracking_uri: str = loop_config["tracking_uri"]
+    tracking.use_credentials(loop_config.get("tracking_credentials", {}))
     run_dir: str = loop_config["run_dir"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -157,9 +158,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if rank == 0:
                 artifact.save_training_state(Path(tmp), model, optimizer, scheduler, epoch=epoch, step=step,
                                              model_name=cfg.model, train_config=asdict(cfg),
-                                             label_map=manifest.label_map, epoch_metrics=epoch_metrics,
-                                             position=position, rng=states, world_size=world,
-                                             skipped_steps=skipped)
+                                             label_map=manifest.label_map, lineage=loop_config.get("lineage"),
+                                             epoch_metrics=epoch_metrics, position=position, rng=states,
+                                             world_size=world, skipped_steps=skipped)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
         # Ray Train registers a reported checkpoint when its controller next polls the workers; a failure

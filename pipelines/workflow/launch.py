@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from pipelines.config import StageResult, print_effective
+from pipelines.config import StageResult, print_effective, redact
 from pipelines.stages import STAGES
 from pipelines.workflow.config import WorkflowSettings
 
@@ -23,7 +23,9 @@ class StageError(RuntimeError):
 
 def config_overrides(cfg: Any) -> list[str]:
     """A typed config as `dotted.key=<JSON value>` overrides that load back to an equal config
-    (JSON is valid YAML, which OmegaConf's dotlist parser reads: strings stay quoted strings)."""
+    (JSON is valid YAML, which OmegaConf's dotlist parser reads: strings stay quoted strings), with
+    passwords in URIs redacted: this is a job's command line, which the cluster shows to anyone (the job
+    takes them from the cluster's environment)."""
 
     def walk(data: dict, prefix: str):
         for key, value in data.items():
@@ -32,7 +34,7 @@ def config_overrides(cfg: Any) -> list[str]:
             else:
                 yield f"{prefix}{key}={json.dumps(value)}"
 
-    return list(walk(dataclasses.asdict(cfg), ""))
+    return list(walk(redact(dataclasses.asdict(cfg)), ""))
 
 
 def last_json_object(logs: str) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from pipelines import tracking
 from pipelines.stages import stage_of_asset
 from pipelines.workflow.assets import ASSET_ORDER, RESULT_KEY, STAGE_OF, build_definitions
 from pipelines.workflow.config import WorkflowConfig, WorkflowSettings
@@ -168,6 +169,10 @@ def predict_run(cfg: WorkflowConfig, only: list[str] | None = None, force: bool 
 
 def run_workflow(cfg: WorkflowConfig, only: list[str] | None = None, force: bool = False,
                  config_path: str | None = None) -> dict:
+    # Recorded results name the tracking server without credentials; checking that their outputs still
+    # exist uses those of the config (or the environment), as the stages themselves do.
+    for section in ("train", "evaluate", "register"):
+        tracking.adopt_credentials(getattr(cfg, section).mlflow.tracking_uri)
     with open_instance(cfg.settings) as instance:
         return _run(instance, cfg, only, force, config_path)
 

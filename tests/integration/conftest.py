@@ -45,7 +45,9 @@ def ray_session(services):
 
     # 4 logical CPUs on a 2-core machine: 2 training workers plus Ray Data / Train bookkeeping. The
     # dashboard serves the state API Ray Train polls; its own free port keeps parallel sessions apart.
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=local_stack.free_port(), runtime_env=runtime_env(embedded=True))
+    # address="local": our own instance, not a cluster another session `ray start`-ed on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=local_stack.free_port(),
+             runtime_env=runtime_env(embedded=True))
     yield
     ray.shutdown()
 

@@ -14,7 +14,7 @@ from pipelines.evaluate.job import EvaluateConfig
 from pipelines.evaluate.job import run as evaluate
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
-from pipelines.register.job import RegisterConfig
+from pipelines.register.job import RegisterConfig, RegisterResult
 from pipelines.register.job import run as register
 from pipelines.train.config import TrainConfig
 from pipelines.train.job import run as train
@@ -120,3 +120,75 @@ def test_rerunning_preprocess_is_a_no_op(pipeline, raw_videos_s3):
     ])
     again = preprocess(cfg)
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in pipeline["manifest"].shards]
+
+
+# ---- The champion rule and lineage (issue 15, acceptance 3) ------------------------------------------------
+
+def _evaluate_into_new_run(services, checkpoint: str, name: str, *overrides: str) -> str:
+    """A fresh MLflow run holding an evaluation of `checkpoint` (what a second training run would have)."""
+    client = mlflow.MlflowClient(services.mlflow_uri)
+    run_id = client.create_run(client.get_experiment_by_name("it").experiment_id, run_name=name).info.run_id
+    evaluate(load_config(EvaluateConfig, None, [f"checkpoint={checkpoint}", f"mlflow_run_id={run_id}", *overrides]))
+    return run_id
+
+
+def _raise_score(services, run_id: str, above: float) -> None:
+    """Log a better latest eval/val/top1 (same tags): the candidate would win if the rule compared scores alone."""
+    mlflow.MlflowClient(services.mlflow_uri).log_metric(run_id, "eval/val/top1", above + 0.5, step=10**6)
+
+
+def _register(checkpoint: str, run_id: str) -> RegisterResult:
+    return register(load_config(RegisterConfig, None, [
+        f"checkpoint={checkpoint}", f"mlflow_run_id={run_id}", f"dataset={DATASET}", "model_name=it-model",
+    ]))
+
+
+def test_evaluations_record_their_dataset_split_and_views(pipeline, services):
+    report = pipeline["report"]
+    tags = mlflow.MlflowClient(services.mlflow_uri).get_run(report.mlflow_run_id).data.tags
+    assert tags["mvit.eval.val.dataset_digest"] == pipeline["manifest"].digest() == report.dataset_digest
+    assert tags["mvit.eval.val.views"] == "1x1"
+
+
+def test_registered_version_carries_its_lineage(pipeline, services):
+    registered, manifest = pipeline["registered"], pipeline["manifest"]
+    version = mlflow.MlflowClient(services.mlflow_uri).get_model_version("it-model", str(registered.version))
+    tags = version.tags
+    assert tags["mvit.training_run_id"] == pipeline["trained"].mlflow_run_id == version.run_id
+    assert tags["mvit.dataset_manifest"] == f"{DATASET}/manifest.json"
+    assert tags["mvit.dataset_digest"] == manifest.digest()
+    assert tags["mvit.input_fingerprint"] == manifest.input_fingerprint
+    assert tags["mvit.init_checkpoint"] == "none"  # trained from scratch
+    assert tags["mvit.code_version"].startswith(("git:", "mvit-system=="))
+    assert float(tags["mvit.clip_fps"]) == 15.0  # fps=0 kept the synthetic videos' 15 fps
+
+
+def test_register_refuses_to_promote_across_evaluation_datasets_or_views(pipeline, raw_videos_s3, services, capsys):
+    checkpoint, champion = pipeline["trained"].checkpoint, pipeline["registered"]
+    client = mlflow.MlflowClient(services.mlflow_uri)
+    assert client.get_model_version_by_alias("it-model", "champion").version == str(champion.version)
+    # Another dataset with the same labels (stored at another size: other shards, another digest).
+    other = "s3://mvit/it/dataset-other"
+    preprocess(load_config(PreprocessConfig, None, [
+        f"source={raw_videos_s3['csv']}", f"output={other}", "short_side=32", "fps=0", "max_samples_per_shard=16",
+    ]))
+    for name, overrides in (("two-views", ["temporal_views=2", f"dataset={DATASET}"]),
+                            ("other-dataset", [f"dataset={other}"])):
+        run_id = _evaluate_into_new_run(services, checkpoint, name, *overrides)
+        _raise_score(services, run_id, pipeline["report"].top1)
+        capsys.readouterr()
+        result = _register(checkpoint, run_id)
+        printed = capsys.readouterr().out
+        assert not result.promoted, name
+        assert "not comparable" in result.reason and result.reason in printed
+        assert client.get_model_version_by_alias("it-model", "champion").version == str(champion.version)
+
+
+def test_register_promotes_a_better_model_on_the_same_evaluation(pipeline, services):
+    checkpoint = pipeline["trained"].checkpoint
+    run_id = _evaluate_into_new_run(services, checkpoint, "same-evaluation", f"dataset={DATASET}")
+    _raise_score(services, run_id, pipeline["report"].top1)
+    result = _register(checkpoint, run_id)
+    assert result.promoted and " > " in result.reason
+    client = mlflow.MlflowClient(services.mlflow_uri)
+    assert client.get_model_version_by_alias("it-model", "champion").version == str(result.version)
