@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo lint test test-unit test-integration bench clean
+.PHONY: install demo lint test test-slow test-unit test-integration bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,16 @@ lint: $(STAMP)  ## ruff (pyproject [tool.ruff]) and the layering contract (pypro
 	$(VENV)/bin/lint-imports
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+test-slow: $(STAMP)  ## the acceptance runs too long for `make test` (see README, "Recipes")
+	$(PY) -m pytest -q -ra -m slow tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -ra tests/unit
 
 test-integration: $(STAMP)
-	$(PY) -m pytest -q -ra tests/integration
+	$(PY) -m pytest -q -ra -m "not slow" tests/integration
 
 bench: $(STAMP)  ## BENCH=model runs one benchmark only
 	$(PY) benchmarks/run_all.py $(BENCH)

@@ -65,12 +65,15 @@ def ensure_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    # A stage submitted as a Ray job (`mvit submit`) runs with RAY_ADDRESS set by Ray Jobs: it joins that
+    # cluster, whose GCS holds the job's working_dir package.
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     # A local embedded instance needs no token; a real cluster keeps whatever auth it was set up with.
-    if not cfg.address:
+    if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs = {"runtime_env": runtime_env(embedded=not cfg.address), "log_to_driver": True}
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+    kwargs = {"runtime_env": runtime_env(embedded=not address), "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
         return
     # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls: without
     # it the driver log fills with "Failed to query Ray Train Controller actor state" warnings.

@@ -19,7 +19,7 @@ from pipelines.preprocess.job import run as preprocess
 from pipelines.train.job import run as train
 from pipelines.workflow.config import load_workflow_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # With the augmentations the model leaves the chance plateau later than without (where it does so at epoch
 # 2-3), and *when* depends on the seed: in this recipe's 2-worker DDP run, seed 1 left it at epoch 6 and
 # passed 0.9 at epoch 12, seed 0 was still at chance at epoch 36 of 40 (measured; see configs/demo.yaml).
