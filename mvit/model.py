@@ -1,5 +1,7 @@
 """Multiscale Vision Transformers (MViT v1 and MViTv2), video and image: the papers' math, written once.
 
+(~430 lines: the five layers below are one architecture, read top to bottom as the papers present it.)
+
 What lives where: this file holds the layers (PatchEmbed, token pooling, MultiScaleAttention,
 MultiScaleBlock, MViT), each computing every token as in the papers. mvit.ops holds drop-in ops with faster
 CPU backward passes (``mlp``, ``heads_linear``, ``depthwise_conv_cl``) and the fast-path switch;

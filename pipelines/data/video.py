@@ -2,6 +2,10 @@
 
 Every container is opened in a `with` block so its native buffers are freed at once (PyAV objects that
 linger until the garbage collector runs are what makes long preprocessing jobs grow).
+
+Why one module of ~450 lines: everything here touches PyAV's containers, streams and frame formats
+(open, probe, seek, decode at given times, resample the frame rate, encode), and shares its error mapping
+(`VideoError`) and container hygiene; split by caller it would spread PyAV's quirks over three files.
 """
 
 from __future__ import annotations

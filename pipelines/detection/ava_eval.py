@@ -1,5 +1,8 @@
 """AVA v2.2 frame-mAP@0.5, by the rules of the official ActivityNet evaluator.
 
+(One module of ~410 lines on purpose: reading, matching and AP are one protocol whose rules, R1-R14
+below, cite each other; the tests cite them by number.)
+
 Where the rules were read: activitynet/ActivityNet `Evaluation/get_ava_performance.py` (reading the
 files, the per-frame cap, exclusions) and `Evaluation/ava/object_detection_evaluation.py`,
 `Evaluation/ava/per_image_evaluation.py`; facebookresearch/SlowFast vendors the same evaluator under

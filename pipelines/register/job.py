@@ -167,7 +167,7 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     import mlflow
     import pandas as pd
 
-    from pipelines.register.pyfunc import SIGNATURE, MViTVideoClassifier
+    from pipelines.register.pyfunc import SIGNATURE
 
     uri = tracking.connect(cfg.mlflow.tracking_uri)
     client = tracking.client(uri)
@@ -185,7 +185,7 @@ def run(cfg: RegisterConfig) -> RegisterResult:
         with tracking.fluent(uri), mlflow.start_run(run_id=cfg.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=MViTVideoClassifier(),
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing pickled
                 artifacts={"checkpoint": str(slim)},
                 code_paths=[str(Path(mvit.__file__).parent), str(Path(pipelines.__file__).parent)],
                 signature=SIGNATURE,
@@ -204,7 +204,8 @@ def run(cfg: RegisterConfig) -> RegisterResult:
                       int(holder_version.version) if holder_version is not None else None)
     if decision.promote:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
-    print(f"[register] {cfg.model_name} v{version.version} ({cfg.metric}={candidate.score}); @{cfg.alias} "
+    shown = "not evaluated" if candidate.score is None else f"{candidate.score:.4f}"  # MLflow keeps every digit
+    print(f"[register] {cfg.model_name} v{version.version} ({cfg.metric}={shown}); @{cfg.alias} "
           f"{'-> this version' if decision.promote else 'stays'}: {decision.reason}", flush=True)
     return RegisterResult(model_uri=f"models:/{cfg.model_name}/{version.version}",
                           alias_uri=f"models:/{cfg.model_name}@{cfg.alias}", model_name=cfg.model_name,

@@ -81,13 +81,29 @@ def last_json_line(out: str, key: str) -> dict:
     raise AssertionError(f"no JSON line with {key!r} in:\n{out[-2000:]}")
 
 
+# Third-party lines a user cannot act on (issue: "quiet, honest output"); none may reach a command's output.
+NOISE = ("PreemptionWatcher", "Checkpoint successfully created", "CloudPickle", "torch.jit.script")
+# Our own log lines ("[train] ...", "[evaluate] ...") show metrics rounded; MLflow and results keep every digit.
+UNROUNDED = re.compile(r"\d\.\d{7,}")
+
+
+def assert_quiet(args: list[str], output: str) -> None:
+    noisy = [line for line in output.splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, f"`mvit {shlex.join(args)}` printed third-party noise: {noisy[:3]}"
+    unrounded = [line for line in output.splitlines()
+                 if line.startswith("[") and "]" in line and UNROUNDED.search(line.split("]", 1)[1])]
+    assert not unrounded, f"`mvit {shlex.join(args)}` printed unrounded metrics: {unrounded[:3]}"
+
+
 @pytest.fixture
 def run_ok(mvit_in_process):
-    """`mvit ARGS` in this process; fails the test with the command's stderr if it exits non-zero."""
+    """`mvit ARGS` in this process; fails the test with the command's stderr if it exits non-zero, or if
+    its output holds third-party noise or unrounded metrics."""
 
     def run(args: list[str]) -> str:
         code, out, err = mvit_in_process(args)
         assert code == 0, f"`mvit {shlex.join(args)}` exited {code}:\n{err[-3000:]}"
+        assert_quiet(args, out + "\n" + err)
         return out
 
     return run

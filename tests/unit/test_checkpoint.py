@@ -2,7 +2,7 @@
 
 The reference is torchvision's ``mvit_v1_b`` / ``mvit_v2_s`` (ports of the official weights) with random
 weights. The official SlowFast key layout is produced here by an independent re-keying (written from the
-layout list in shared/reference/models.md), not by mvit.checkpoint, so a wrong mapping in either shows up
+layout list in docs/reference.md), not by mvit.checkpoint, so a wrong mapping in either shows up
 as different logits.
 """
 
@@ -25,7 +25,7 @@ from pipelines.commands import convert as convert_cmd
 
 TOL = 1e-4
 
-# torchvision key -> official SlowFast key (models.md, "Official checkpoint layouts")
+# torchvision key -> official SlowFast key (docs/reference.md, "Official checkpoints")
 _TV_TO_SLOWFAST = [
     (r"^conv_proj\.", "patch_embed.proj."),
     (r"^pos_encoding\.class_token$", "cls_token"),

@@ -388,7 +388,7 @@ def test_model_api():
 
 
 def test_architecture_table_of_mvit_b():
-    """The per-block table of MViT-B 16x4 (models.md, "Architecture facts")."""
+    """The per-block table of MViT-B 16x4 (docs/reference.md, "What the architecture is")."""
     cfg = mvit.get_config("mvit_b_16x4")
     q_pooled = [i for i, b in enumerate(cfg.blocks) if b.q_stride != (1, 1, 1)]
     widened = [i for i, b in enumerate(cfg.blocks) if b.dim_out != b.dim_in]

@@ -1,6 +1,6 @@
-"""Parameters and fvcore GFLOPs of every named variant against shared/reference/models.md.
+"""Parameters and fvcore GFLOPs of every named variant against docs/reference.md.
 
-Counting rules (models.md): fvcore ``FlopCountAnalysis``, batch 1, one multiply-add = one flop, the
+Counting rules (docs/reference.md): fvcore ``FlopCountAnalysis``, batch 1, one multiply-add = one flop, the
 variant's own input size. fvcore traces a real forward pass, which takes ~30 s for ``mvit_b_64x3`` and
 ~25 s for ``mvitv2_b_32x3`` on 2 cores; those (and ``mvit_b_32x3``) are counted from shapes on the meta
 device (``mvit flops --fast``), whose agreement with fvcore is checked here on every other variant.
@@ -15,7 +15,7 @@ import pytest
 import mvit
 from pipelines.commands import flops
 
-# name: (params, GFLOPs) "counted" in shared/reference/models.md
+# name: (params, GFLOPs) as listed in docs/reference.md
 REFERENCE = {
     "mvit_b_16x4": (36_610_672, 70.80),
     "mvit_b_32x3": (36_611_440, 170.37),
@@ -25,7 +25,7 @@ REFERENCE = {
     "mvitv2_s_16x4": (34_537_744, 64.46),
     "mvitv2_b_32x3": (51_230_128, 225.17),
 }
-# MViT-S has no official config: models.md lists our reconstruction (~26.04M, ~30.1 GFLOPs) next to the
+# MViT-S has no official config: docs/reference.md lists our reconstruction (~26.04M, ~30.1 GFLOPs) next to the
 # paper's 26.1M / 32.9 GFLOPs. See the comment on "mvit_s_16x4" in mvit/registry.py.
 MVIT_S_RECONSTRUCTION = (26_040_000, 30.1)
 MVIT_S_PAPER_PARAMS = 26_100_000

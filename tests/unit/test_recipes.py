@@ -1,7 +1,7 @@
 """The shipped recipes (configs/*.yaml) against the official recipes.
 
 The expected values are written here from the reference facts (docs/recipes.md: the papers' and the
-official SlowFast configs' recipes, shared/reference/models.md), not read from the configs: a recipe that
+official SlowFast configs' recipes, docs/reference.md), not read from the configs: a recipe that
 drifts from the official one fails with the key that moved.
 """
 
@@ -19,7 +19,7 @@ from pipelines.train.config import BatchPlan, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-# Shared by the Kinetics recipes of MViT v1 and v2 (models.md, "Recipes: Kinetics").
+# Shared by the Kinetics recipes of MViT v1 and v2 (docs/recipes.md, "Kinetics-400").
 KINETICS = {
     "optim.name": "adamw", "optim.betas": [0.9, 0.999], "lr@512": 1.6e-3, "epochs": 200, "optim.warmup_epochs": 30,
     "warmup start lr": 1e-6, "optim.min_lr": 1e-6, "optim.weight_decay": 0.05, "optim.grad_clip": 1.0,
@@ -36,7 +36,7 @@ KINETICS = {
 EXPECTED = {
     "kinetics400_mvit_b_16x4.yaml": {**KINETICS, "model": "mvit_b_16x4", "drop_path_rate": 0.2},
     "kinetics400_mvitv2_s_16x4.yaml": {**KINETICS, "model": "mvitv2_s_16x4", "drop_path_rate": 0.2},
-    # models.md, "Recipes: SSv2" (v2): SGD momentum 0.9, lr 0.02 at 512, 100 epochs, 3 warmup, wd 1e-4, drop
+    # docs/recipes.md, "Something-Something v2": SGD momentum 0.9, lr 0.02 at 512, 100 epochs, 3 warmup, wd 1e-4, drop
     # path 0.4, no flip, short-side jitter [256, 320], segment sampling, augmentations as Kinetics, no
     # repeated augmentation, BGR, 3 spatial x 1 temporal views; initialised from Kinetics weights.
     "ssv2_mvitv2_s_16x4.yaml": {
