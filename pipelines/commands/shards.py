@@ -109,7 +109,7 @@ def verify(prefix: str, decode_fraction: float = 0.05, seed: int = 0) -> dict:
                     problems.append(f"{shard.url}/{key}: missing field(s) {sorted(missing)}")
                     continue
                 try:
-                    classes = [int(c) for c in fields["cls"].split(b",")]
+                    classes = [int(c) for c in fields["cls"].split(b",") if c]  # "" : a multi-label sample without labels
                     meta = json.loads(fields["json"])
                 except (ValueError, UnicodeDecodeError) as exc:
                     problems.append(f"{shard.url}/{key}: unreadable cls or json ({exc})")
