@@ -83,5 +83,5 @@ class RoIHead(nn.Module):
         fmap = self.feature_map(tokens, grid)
         # RoIAlign in at least float32: box corners in bf16 would be off by up to a pixel at 224.
         dtype = torch.promote_types(fmap.dtype, torch.float32)
-        x = self.pool(self.roi_align(fmap.to(dtype), boxes.to(dtype))).flatten(1)
-        return self.projection(self.dropout(x).to(self.projection.weight.dtype))
+        x = self.pool(self.roi_align(fmap.to(dtype), boxes.to(dtype))).flatten(1).to(fmap.dtype)
+        return self.projection(self.dropout(x))
