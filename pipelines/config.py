@@ -153,8 +153,10 @@ class StageResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        """Rebuild from a result line; keys this version does not know are ignored, missing ones fail."""
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        """Rebuild from a result line; keys this version does not know are ignored, missing ones fail
+        (unless the field has a default: a result recorded before the field existed)."""
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        names = [f.name for f in fields if f.name in data or f.default is dataclasses.MISSING]
         missing = [n for n in names if n not in data]
         if missing:
             raise ValueError(f"{cls.__name__}: the result lacks {missing}")

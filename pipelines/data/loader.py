@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 
 from pipelines.data.clips import ClipConfig, eval_views, train_clip, train_transform
-from pipelines.data.shards import MEDIA_KEY, read_samples, sample_metadata, tar_samples
+from pipelines.data.shards import MEDIA_KEY, DatasetError, read_samples, sample_metadata, tar_samples
 
 
 def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
@@ -59,6 +59,16 @@ def _shuffled(bufsize: int, seed: int, initial: int = 64):
     return stage
 
 
+def class_id(sample: dict) -> int:
+    """The single class of a classification sample; a multi-label (AVA) sample is an error that says what to do."""
+    try:
+        return int(sample["cls"])
+    except ValueError:
+        raise DatasetError(f"sample {sample['__key__']} has cls {sample['cls']!r}, not one class id: a multi-label "
+                           "(AVA) dataset trains and evaluates as detection, which its manifest must name "
+                           "(source_format ava, written by `mvit preprocess`)") from None
+
+
 def _decoded(clip: ClipConfig, seed: int):
     def stage(samples):
         rng = _worker_rng(seed, "clip")
@@ -72,7 +82,7 @@ def _decoded(clip: ClipConfig, seed: int):
                 torch.set_rng_state(crop_state)
                 video = train_clip(sample[MEDIA_KEY], frames, clip, transform, rng)
                 crop_state = torch.get_rng_state()
-            yield video, int(sample["cls"]), sample["__key__"]
+            yield video, class_id(sample), sample["__key__"]
     return stage
 
 
@@ -111,6 +121,6 @@ def eval_samples(urls: list[str], clip: ClipConfig, views: int) -> Iterator[tupl
     if not urls:
         return iter(())
     return (
-        (eval_views(s[MEDIA_KEY], clip, views, int(sample_metadata(s)["frames"])), int(s["cls"]), s["__key__"])
+        (eval_views(s[MEDIA_KEY], clip, views, int(sample_metadata(s)["frames"])), class_id(s), s["__key__"])
         for s in read_samples(urls)
     )

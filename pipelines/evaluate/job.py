@@ -15,6 +15,7 @@ from pipelines import plots, tracking
 from pipelines.artifact import TrainedModel
 from pipelines.config import StageResult
 from pipelines.data.shards import DatasetError, read_manifest
+from pipelines.detection.task import is_detection_dataset
 from pipelines.scoring import score_videos
 from pipelines.tracking import MlflowConfig
 
@@ -42,15 +43,21 @@ class EvaluateResult(StageResult):
     dataset_digest: str
     mlflow_run_id: str  # the run it is logged into ("" = not logged)
     tracking_uri: str  # where that run lives ("" = not logged)
+    # AVA datasets (pipelines/evaluate/detection.py): frame-mAP@0.5; top1/top5 are then None, `videos` counts keyframes
+    frame_map: float | None = None
 
     @property
     def metric_key(self) -> str:
         """The MLflow metric this evaluation is logged as."""
-        return f"eval/{self.split}/top1"
+        return f"eval/{self.split}/{'top1' if self.frame_map is None else 'frame_map'}"
 
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:
     manifest = read_manifest(cfg.dataset)
+    if is_detection_dataset(manifest):
+        from pipelines.evaluate.detection import run_detection
+
+        return run_detection(cfg, manifest)
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")

@@ -10,6 +10,7 @@ from typing import ClassVar
 from omegaconf import MISSING
 
 from pipelines.data.clips import ClipConfig
+from pipelines.detection.config import DetectionConfig
 from pipelines.raycluster import RayConfig
 from pipelines.tracking import MlflowConfig
 
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     clip: ClipConfig = field(default_factory=ClipConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)  # AVA datasets only
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -64,6 +66,7 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "num_workers", "cpus_per_worker"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        self.detection.validate()
 
     def resolved_run_name(self) -> str:
         if self.run_name:

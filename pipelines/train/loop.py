@@ -23,13 +23,14 @@ from pipelines import artifact
 from pipelines.data import storage
 from pipelines.data.loader import rank_shards, train_loader
 from pipelines.data.shards import read_manifest
+from pipelines.detection.task import detection_task
 from pipelines.scoring import all_reduce_sum, precision_context, score_videos
 from pipelines.tracking import MlflowTracker, NullTracker
 from pipelines.train.config import TrainConfig
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    overrides = {"input_size": (cfg.clip.num_frames, cfg.clip.crop_size, cfg.clip.crop_size)}
+def build_model(cfg: TrainConfig, num_classes: int, head: str = "cls") -> torch.nn.Module:
+    overrides = {"input_size": (cfg.clip.num_frames, cfg.clip.crop_size, cfg.clip.crop_size), "head": head}
     if cfg.drop_path_rate >= 0:
         overrides["drop_path_rate"] = cfg.drop_path_rate
     model = mvit.create_model(
@@ -82,17 +83,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     manifest = read_manifest(cfg.dataset)
-    num_classes = len(manifest.label_map)
+    # AVA datasets train the detector (pipelines/detection/task.py); where the two differ, the loop asks `task`.
+    task = detection_task(cfg.dataset, manifest, cfg.clip, cfg.detection)
+    num_classes = task.num_classes if task else len(manifest.label_map)
     train_urls = rank_shards(manifest.shard_urls(cfg.dataset, "train"), rank, world)
     val_urls = rank_shards(manifest.shard_urls(cfg.dataset, "val"), rank, world)
     global_batch = cfg.batch_size * world
-    steps_per_epoch = max(1, manifest.split_samples("train") // global_batch)
+    examples = task.train_examples() if task else manifest.split_samples("train")
+    steps_per_epoch = max(1, examples // global_batch)
+    if task and rank == 0:
+        print(f"[train] {task.describe()}; {examples} training keyframes", flush=True)
 
-    model = ray.train.torch.prepare_model(build_model(cfg, num_classes))
+    model = ray.train.torch.prepare_model(build_model(cfg, num_classes, head=task.head if task else "cls"))
     # From here torch's generator drives drop-path: a stream per rank, not the same masks on every rank.
     torch.manual_seed(cfg.seed * 1009 + rank + 1)
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_batch
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(0.9, 0.999))
+    if task:
+        optimizer = task.optimizer(param_groups(model, cfg.optim.weight_decay), lr)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=(0.9, 0.999))
     scheduler = build_schedule(optimizer, cfg, steps_per_epoch)
     start_epoch, step = 0, 0
 
@@ -116,20 +125,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # The previous group may have died between committing this checkpoint and logging its epoch.
             tracker.log_metrics_once(state["epoch_metrics"], step)
     seen_keys: set[str] = set()
+    val = None
     for epoch in range(start_epoch, cfg.epochs):
-        loader = train_loader(
-            train_urls, cfg.clip, cfg.batch_size, steps_per_epoch,
-            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed * 100_003 + epoch * 1009 + rank,
-            loader_workers=cfg.loader_workers,
-        )
+        seed = cfg.seed * 100_003 + epoch * 1009 + rank
+        if task:
+            loader = task.train_loader(train_urls, batch_size=cfg.batch_size, steps_per_epoch=steps_per_epoch,
+                                       shuffle_buffer=cfg.shuffle_buffer, seed=seed, loader_workers=cfg.loader_workers)
+        else:
+            loader = train_loader(
+                train_urls, cfg.clip, cfg.batch_size, steps_per_epoch,
+                shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                loader_workers=cfg.loader_workers,
+            )
         model.train()
         epoch_loss, epoch_steps = 0.0, 0
         window_start, window_clips = time.perf_counter(), 0
-        for clips, labels, keys in loader:
-            clips, labels = clips.to(device), labels.to(device)
-            with precision_context(cfg.precision, device):
-                logits = model(clips)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+        for batch in loader:
+            if task:
+                loss, keys = task.loss(model, batch, device, cfg.precision)
+            else:
+                clips, labels, keys = batch
+                clips, labels = clips.to(device), labels.to(device)
+                with precision_context(cfg.precision, device):
+                    logits = model(clips)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip > 0:
@@ -154,12 +173,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 window_start, window_clips = time.perf_counter(), 0
 
-        val = score_videos(model, val_urls, cfg.clip, num_classes=num_classes, device=device,
-                           batch_size=cfg.batch_size, precision=cfg.precision)
+        if task:
+            val_metrics = task.validate(model, val_urls, device=device, batch_size=cfg.batch_size,
+                                        precision=cfg.precision)
+        else:
+            val = score_videos(model, val_urls, cfg.clip, num_classes=num_classes, device=device,
+                               batch_size=cfg.batch_size, precision=cfg.precision)
+            val_metrics = {"val/top1": val.top1, "val/top5": val.top5} if val.total else {}
         train_loss = float(all_reduce_sum(torch.tensor([epoch_loss / max(1, epoch_steps)])) / world)
-        metrics = {"epoch": epoch, "train/epoch_loss": train_loss}
-        if val.total:
-            metrics.update({"val/top1": val.top1, "val/top5": val.top5})
+        metrics = {"epoch": epoch, "train/epoch_loss": train_loss, **val_metrics}
         epoch_metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if rank == 0:
             print(f"[train] epoch {epoch}: {json.dumps(metrics)}", flush=True)
@@ -181,14 +203,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker.log_metrics_once(epoch_metrics, step)
 
     if rank == 0 and isinstance(tracker, MlflowTracker):
-        _log_final_artifacts(tracker, manifest.labels, val.confusion if cfg.epochs > start_epoch else None)
+        _log_final_artifacts(tracker, manifest.labels, val.confusion if val is not None else None)
 
 
 def _log_final_artifacts(tracker: MlflowTracker, labels: list[str], confusion: np.ndarray | None) -> None:
     from pipelines import plots
 
     with tempfile.TemporaryDirectory() as tmp:
-        series = {k: tracker.history(k) for k in ("train/loss", "train/lr", "val/top1")}
+        series = {k: tracker.history(k) for k in ("train/loss", "train/lr", "val/top1", "val/frame_map")}
+        series = {k: points for k, points in series.items() if points or k != "val/frame_map"}  # detection only
         curves = os.path.join(tmp, "curves.png")
         plots.curves(series, curves)
         tracker.log_artifact(curves, "plots")
