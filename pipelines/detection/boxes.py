@@ -14,10 +14,14 @@ Testing: the whole frame, short side `short_side`, both sides rounded to a multi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
+
+from pipelines.data import augment
 
 MIN_BOX_PIXELS = 1.0
 
@@ -83,6 +87,11 @@ def eval_view(frames: np.ndarray, boxes: torch.Tensor, *, short_side: int, strid
     return video.as_subclass(torch.Tensor), pixel_boxes.as_subclass(torch.Tensor)
 
 
-def normalise(video: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """(T, 3, H, W) uint8 -> the model's (3, T, H, W) float input."""
-    return video.float().div_(255).sub_(mean).div_(std).permute(1, 0, 2, 3).contiguous()
+def normalise(video: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float],
+              channel_order: str = "rgb") -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> the model's (3, T, H, W) float input: mean/std one value or per RGB channel
+    (clip.mean / clip.std), channels then reversed for `channel_order` "bgr", as the classification clips."""
+    x = augment.normalize(video, mean, std)
+    if channel_order == "bgr":
+        x = x.flip(-3)
+    return x.permute(1, 0, 2, 3).contiguous()

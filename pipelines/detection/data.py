@@ -164,7 +164,7 @@ def _training_views(clip: ClipConfig, det: DetectionConfig, num_classes: int, se
             video, pixel_boxes, kept = train_view(frames, boxes, crop=clip.crop_size,
                                                   jitter_scales=tuple(det.jitter_scales), flip=clip.horizontal_flip,
                                                   generator=generator, box_jitter=det.box_jitter)
-            yield normalise(video, clip.mean, clip.std), pixel_boxes, targets[kept], keyframe.key
+            yield normalise(video, clip.mean, clip.std, clip.channel_order), pixel_boxes, targets[kept], keyframe.key
     return stage
 
 
@@ -228,7 +228,7 @@ def eval_batches(urls: list[str], clip: ClipConfig, det: DetectionConfig, *, str
             frames = decode_frames(keyframe.media, index, threads=LOADER_DECODE_THREADS)
             video, pixel_boxes = eval_view(frames, torch.from_numpy(boxes), short_side=clip.test_short_side,
                                            stride=stride)
-            example = (normalise(video, clip.mean, clip.std), pixel_boxes, boxes, keyframe)
+            example = (normalise(video, clip.mean, clip.std, clip.channel_order), pixel_boxes, boxes, keyframe)
             if pending and (len(pending) >= batch_size or pending[0][0].shape != example[0].shape):
                 yield flush()
             pending.append(example)

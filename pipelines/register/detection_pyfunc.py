@@ -99,7 +99,7 @@ class MViTActionDetector(mlflow.pyfunc.PythonModel):
             view, pixel_boxes = eval_view(frames, torch.from_numpy(boxes), short_side=self.clip.test_short_side,
                                           stride=self.model.feature_stride)
             with torch.no_grad():
-                scores = self.model(normalise(view, self.clip.mean, self.clip.std)[None], pixel_boxes[None]).sigmoid()
+                scores = self.model(normalise(view, self.clip.mean, self.clip.std, self.clip.channel_order)[None], pixel_boxes[None]).sigmoid()
             for box, row in zip(boxes.tolist(), scores.tolist()):
                 order = sorted((i for i in self.actions), key=lambda i: -row[i])[:TOP_K]
                 rows.append({"row": position, "video": video, "timestamp": timestamp, "box": box,

@@ -201,6 +201,20 @@ def test_test_views_keep_the_whole_frame_at_a_multiple_of_the_stride():
     assert model_input.shape == (3, 4, 48, 64) and model_input.max() == pytest.approx((1 - 0.45) / 0.225)
 
 
+def test_normalise_takes_the_recipes_per_channel_mean_and_std_and_channel_order():
+    """ClipConfig.mean/std are lists (one value, or one per RGB channel) and channel_order may be bgr: the
+    detection views are normalised as the classification clips are."""
+    video = torch.zeros(2, 3, 4, 5, dtype=torch.uint8)
+    video[:, 0], video[:, 1], video[:, 2] = 255, 51, 0  # R = 1.0, G = 0.2, B = 0.0
+    mean, std = [0.5, 0.2, 0.1], [0.5, 0.25, 0.2]
+    rgb = normalise(video, mean, std)
+    assert rgb.shape == (3, 2, 4, 5)
+    # (x - mean) / std per channel: R (1 - 0.5) / 0.5 = 1, G (0.2 - 0.2) / 0.25 = 0, B (0 - 0.1) / 0.2 = -0.5
+    torch.testing.assert_close(rgb[:, 0, 0, 0], torch.tensor([1.0, 0.0, -0.5]))
+    torch.testing.assert_close(normalise(video, mean, std, "bgr"), rgb.flip(0))
+    torch.testing.assert_close(normalise(video, [0.45], [0.225]), normalise(video, 0.45, 0.225))
+
+
 # --- what a training example holds --------------------------------------------------------------------
 def _keyframe(boxes, actions, proposals) -> Keyframe:
     return Keyframe(key="k@5", video_id="v", t=5, frame=50, frames=60, boxes=np.array(boxes, dtype=np.float32),
