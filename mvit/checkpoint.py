@@ -300,12 +300,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> 
 
 
 def load_model(src: str | os.PathLike | Mapping, **overrides: Any) -> nn.Module:
-    """Build and load a model from one of our own checkpoints (its config says what to build)."""
-    from .model import MViT
+    """Build and load a model from one of our own checkpoints (its config says what to build, including
+    the head: classifier or AVA detector)."""
+    from .registry import build_model
 
     state, cfg, where = read_checkpoint(src)
     if cfg is None:
         raise ValueError(f"{where} carries no config; use create_model(name, checkpoint=...) instead")
-    model = MViT(cfg.replace(**overrides))
+    model = build_model(cfg.replace(**overrides))
     load_state(model, to_mvit_keys(state, where), where)
     return model

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Size = tuple[int, ...]
+HEADS = ("cls", "roi")  # MViTConfig.head
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class MViTConfig:
     drop_path_rate: float = 0.2
     head_dropout: float = 0.5
     norm_eps: float = 1e-6
+    # "cls": the class-token classifier (logits per clip); "roi": the AVA detector, RoIAlign on the last
+    # stage's token map (logits per person box, see mvit/detection.py). Same backbone and state-dict keys.
+    head: str = "cls"
 
     # derived
     blocks: tuple[BlockSpec, ...] = field(init=False, repr=False, compare=False)
@@ -88,6 +92,10 @@ class MViTConfig:
             raise ValueError(f"pool_kernel={self.pool_kernel} must have {nd} entries like input_size")
         if self.version not in (1, 2):
             raise ValueError(f"version must be 1 or 2, got {self.version}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "roi" and nd != 3:
+            raise ValueError("the RoI head (head='roi') is for video input (T, H, W)")
         if self.version == 2 and nd != 3:
             raise ValueError("MViTv2 relative position embeddings are implemented for video (T, H, W) only")
 

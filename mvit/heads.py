@@ -40,9 +40,11 @@ class RoIHead(nn.Module):
     """AVA head: RoIAlign on the last stage's feature map, max over space, mean over time, linear.
 
     Follows SlowFast's ``ResNetRoIHead`` for MViT: the class token is dropped, the tokens are reshaped to
-    ``(B, C, T, H, W)``, averaged over T, RoIAligned at ``resolution`` and max-pooled. ``boxes`` is a
-    float tensor ``(K, 5)`` of ``(batch_index, x1, y1, x2, y2)`` in input pixels. Returns logits
-    ``(K, num_classes)`` (use a sigmoid/BCE loss: AVA actions are multi-label).
+    ``(B, C, T, H, W)`` (tokens are ordered t, then h, then w), averaged over T, RoIAligned at
+    ``resolution`` and max-pooled. ``boxes`` is a float tensor ``(K, 5)`` of ``(batch_index, x1, y1, x2,
+    y2)`` in input pixels; ``spatial_scale`` is 1 / the last stage's spatial stride. Returns logits
+    ``(K, num_classes)`` (use a sigmoid/BCE loss: AVA actions are multi-label). Zero boxes give ``(0,
+    num_classes)`` logits that are still part of the graph (every parameter gets a zero gradient).
     """
 
     def __init__(
@@ -58,13 +60,28 @@ class RoIHead(nn.Module):
         super().__init__()
         from torchvision.ops import RoIAlign
 
+        self.dim = dim
         self.roi_align = RoIAlign((resolution, resolution), spatial_scale=spatial_scale, sampling_ratio=0, aligned=aligned)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.projection = nn.Linear(dim, num_classes)
+        self.reset(num_classes)
+
+    def reset(self, num_classes: int) -> None:
+        """A new projection for ``num_classes`` (initialised as the classification head's)."""
+        proj = nn.Linear(self.dim, num_classes)
+        nn.init.trunc_normal_(proj.weight, std=0.02)
+        nn.init.constant_(proj.bias, 0.02)
+        self.projection = proj.to(self.projection.weight.device)
+
+    def feature_map(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Tokens ``(B, 1 + L, C)`` (class token first) -> the time-averaged map ``(B, C, H, W)``."""
+        b, _, c = tokens.shape
+        return tokens[:, 1:].transpose(1, 2).reshape(b, c, *grid).mean(dim=2)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int], boxes: torch.Tensor) -> torch.Tensor:
-        b, _, c = tokens.shape
-        fmap = tokens[:, 1:].transpose(1, 2).reshape(b, c, *grid).mean(dim=2)  # (B, C, H, W)
-        x = self.pool(self.roi_align(fmap, boxes.to(fmap.dtype))).flatten(1)
+        fmap = self.feature_map(tokens, grid)
+        # RoIAlign in at least float32: box corners in bf16 would be off by up to a pixel at 224.
+        dtype = torch.promote_types(fmap.dtype, torch.float32)
+        x = self.pool(self.roi_align(fmap.to(dtype), boxes.to(dtype))).flatten(1).to(fmap.dtype)
         return self.projection(self.dropout(x))

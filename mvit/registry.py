@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from .config import MViTConfig
+from .detection import MViTDetector
 from .model import MViT
 
 _B24 = dict(depths=(2, 3, 16, 3), pool_kernel=None, drop_path_rate=0.3)  # Q pooled at 2, 5, 21; kernel s+1
@@ -105,7 +106,13 @@ def get_config(name: str, **overrides: Any) -> MViTConfig:
 
 # Fields that may differ between a named variant and a checkpoint of it: sizes the weights are resampled
 # for, the head (re-initialised on request), regularisation, the recipe, and the older zoo layout flag.
-_NOT_ARCHITECTURE = {"input_size", "num_classes", "drop_path_rate", "head_dropout", "zero_decay_pos_cls", "kv_pool_stride1"}
+_NOT_ARCHITECTURE = {"input_size", "num_classes", "drop_path_rate", "head_dropout", "zero_decay_pos_cls", "kv_pool_stride1",
+                     "head"}
+
+
+def build_model(cfg: MViTConfig) -> nn.Module:
+    """The model a config describes: the classifier, or the AVA detector for ``head="roi"``."""
+    return MViTDetector(cfg) if cfg.head == "roi" else MViT(cfg)
 
 
 def _architecture_differences(a: MViTConfig, b: MViTConfig) -> list[str]:
@@ -124,13 +131,15 @@ def create_model(
     ``overrides`` are :class:`MViTConfig` fields (e.g. ``input_size=(T, H, W)``, ``drop_path_rate``).
     ``checkpoint`` is a path (or an already loaded dict) in any layout :mod:`mvit.checkpoint` reads.
     With a checkpoint and ``num_classes=None`` the checkpoint's head size is kept; with a different
-    ``num_classes`` the head is re-initialised with a warning.
+    ``num_classes`` the head is re-initialised with a warning. ``head="roi"`` builds the AVA detector
+    (:class:`~mvit.detection.MViTDetector`); a classification checkpoint (e.g. Kinetics) then initialises
+    its backbone. Without ``head``, our own checkpoints keep the head they were saved with.
     """
     if checkpoint is None:
         cfg = get_config(name, **overrides)
         if num_classes is not None:
             cfg = cfg.replace(num_classes=num_classes)
-        return MViT(cfg)
+        return build_model(cfg)
 
     from . import checkpoint as ckpt_mod
 
@@ -152,7 +161,7 @@ def create_model(
     if num_classes is None:
         num_classes = head_classes if head_classes is not None else cfg.num_classes
     cfg = cfg.replace(num_classes=num_classes)
-    model = MViT(cfg)
+    model = build_model(cfg)
     ckpt_mod.load_state(model, state, source=source)
     return model
 

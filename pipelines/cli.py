@@ -39,10 +39,21 @@ def _stage(sub, stage: Stage) -> None:
 
 
 def _demo_data(ns) -> int:
+    if ns.format == "ava":
+        from pipelines.data.synthetic_ava import SyntheticAvaSpec
+        from pipelines.data.synthetic_ava import generate as generate_ava
+
+        ava = generate_ava(ns.out, SyntheticAvaSpec(train_videos=ns.train_videos, val_videos=ns.val_videos,
+                                                     duration_s=ns.duration_s, fps=ns.fps or 10, width=ns.width,
+                                                     height=ns.height, seed=ns.seed))
+        print(json.dumps({"out": str(ns.out), "format": "ava", "videos": len(ava.videos),
+                          "window_s": list(ava.window_s), "proposals": "person_proposals_{split}.csv"}))
+        return 0
     from pipelines.data.synthetic import SyntheticSpec, generate
 
     spec = SyntheticSpec(
-        classes=ns.classes, videos_per_class=ns.videos_per_class, frames=ns.frames, size=ns.size, seed=ns.seed
+        classes=ns.classes, videos_per_class=ns.videos_per_class, frames=ns.frames, size=ns.size, seed=ns.seed,
+        **({"fps": ns.fps} if ns.fps else {}),
     )
     csv_path = generate(ns.out, spec)
     print(json.dumps({"out": str(ns.out), "csv": str(csv_path), "videos": spec.classes * spec.videos_per_class}))
@@ -86,12 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         _stage(sub, stage)
 
-    data = sub.add_parser("demo-data", help="write a synthetic motion-classification video set (H.264 .mp4)")
+    data = sub.add_parser("demo-data", help="write a synthetic video set: motion classification (H.264 .mp4 + "
+                          "labels.csv), or --format ava: action detection in the AVA v2.2 layout",
+                          description="--format motion (default): classes of motion direction; --format ava: "
+                          "moving rectangles (persons) whose multi-label actions follow their motion, with the AVA "
+                          "CSVs, action list, excluded timestamps and person proposals (pipelines/data/synthetic_ava.py); "
+                          "preprocess it with source_format=ava ava.window_s=[0,DURATION] "
+                          "'ava.proposals=person_proposals_{split}.csv' (configs/ava_synthetic.yaml)")
     data.add_argument("out", type=Path)
-    data.add_argument("--classes", type=int, default=8)
-    data.add_argument("--videos-per-class", type=int, default=100)
-    data.add_argument("--frames", type=int, default=16)
-    data.add_argument("--size", type=int, default=64)
+    data.add_argument("--format", choices=["motion", "ava"], default="motion")
+    data.add_argument("--classes", type=int, default=8, help="motion")
+    data.add_argument("--videos-per-class", type=int, default=100, help="motion")
+    data.add_argument("--frames", type=int, default=16, help="motion")
+    data.add_argument("--size", type=int, default=64, help="motion")
+    data.add_argument("--train-videos", type=int, default=24, help="ava")
+    data.add_argument("--val-videos", type=int, default=8, help="ava")
+    data.add_argument("--duration-s", type=int, default=6, help="ava: seconds per video (keyframes at 1..duration-1)")
+    data.add_argument("--width", type=int, default=128, help="ava")
+    data.add_argument("--height", type=int, default=96, help="ava")
+    data.add_argument("--fps", type=int, default=0, help="frames per second (default: motion 15, ava 10)")
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_demo_data)
 

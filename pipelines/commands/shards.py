@@ -109,7 +109,7 @@ def verify(prefix: str, decode_fraction: float = 0.05, seed: int = 0) -> dict:
                     problems.append(f"{shard.url}/{key}: missing field(s) {sorted(missing)}")
                     continue
                 try:
-                    classes = [int(c) for c in fields["cls"].split(b",")]
+                    classes = [int(c) for c in fields["cls"].split(b",") if c]  # "" : a multi-label sample without labels
                     meta = json.loads(fields["json"])
                 except (ValueError, UnicodeDecodeError) as exc:
                     problems.append(f"{shard.url}/{key}: unreadable cls or json ({exc})")
@@ -164,6 +164,11 @@ def stats(prefix: str) -> dict:
     resolutions = collections.Counter(f"{e['width']}x{e['height']}" for e in index)
     reasons = collections.Counter(q["reason"].split(" (")[0] for q in _read_lines(prefix, QUARANTINE))
     shard_bytes = [s.bytes for s in manifest.shards]
+    keyframes = {}
+    if manifest.config.get("source_format") == "ava":  # where every annotated keyframe went
+        from pipelines.detection.keyframes import keyframe_ledger
+
+        keyframes = {"keyframes": keyframe_ledger(prefix).to_dict()}
     return {
         "prefix": prefix,
         "inputs": manifest.inputs,
@@ -181,6 +186,7 @@ def stats(prefix: str) -> dict:
         "shard_bytes": _summary(shard_bytes),
         "total_bytes": sum(shard_bytes),
         "quarantine_reasons": dict(reasons.most_common()),
+        **keyframes,
     }
 
 
@@ -190,7 +196,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     v = actions.add_parser("verify", help="re-read every shard and check it against the manifest")
     v.add_argument("prefix")
     v.add_argument("--decode-fraction", type=float, default=0.05, help="share of samples whose media is decoded (>= 1 per shard)")
-    s = actions.add_parser("stats", help="per-label counts, durations, resolutions, quarantine reasons")
+    s = actions.add_parser("stats", help="per-label counts, durations, resolutions, quarantine reasons "
+                                                "(AVA: the keyframe ledger)")
     s.add_argument("prefix")
     p.set_defaults(func=run)
     return p

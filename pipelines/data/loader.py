@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 
 from pipelines.data.clips import ClipConfig, eval_views, train_augment, train_clips
-from pipelines.data.shards import IMAGE_KEY, MEDIA_KEY, read_samples, sample_metadata, tar_samples
+from pipelines.data.shards import IMAGE_KEY, MEDIA_KEY, DatasetError, read_samples, sample_metadata, tar_samples
 
 
 def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:
@@ -99,6 +99,16 @@ def _shuffled(bufsize: int, seed: int, initial: int = 64, start_batch: int = 0):
     return stage
 
 
+def class_id(sample: dict) -> int:
+    """The single class of a classification sample; a multi-label (AVA) sample is an error that says what to do."""
+    try:
+        return int(sample["cls"])
+    except ValueError:
+        raise DatasetError(f"sample {sample['__key__']} has cls {sample['cls']!r}, not one class id: a multi-label "
+                           "(AVA) dataset trains and evaluates as detection, which its manifest must name "
+                           "(source_format ava, written by `mvit preprocess`)") from None
+
+
 def _decoded(clip: ClipConfig, seed: int, start_batch: int = 0, batch_size: int = 1):
     """Decode each sample into its training clip(s). The random draws of the n-th sample of a stream
     (temporal offset, every augmentation) come from a generator seeded by (seed, stream, n), so a stream resumed mid-epoch skips the
@@ -119,7 +129,7 @@ def _decoded(clip: ClipConfig, seed: int, start_batch: int = 0, batch_size: int 
             # seeds per rank for drop-path: the augmentations fork it (augment.py), so it is left alone.
             clips = train_clips(media, frames, clip, transforms[image], _sample_generator(seed, stream, index),
                                 image=image)
-            yield clips, int(sample["cls"]), sample["__key__"]
+            yield clips, class_id(sample), sample["__key__"]
     return stage
 
 
@@ -195,4 +205,4 @@ def eval_samples(urls: list[str], clip: ClipConfig, temporal: int | None = None,
     """(views, label, key) of every sample of `urls` once, in order (no resampling)."""
     if not urls:
         return iter(())
-    return ((sample_views(s, clip, temporal, spatial), int(s["cls"]), s["__key__"]) for s in read_samples(urls))
+    return ((sample_views(s, clip, temporal, spatial), class_id(s), s["__key__"]) for s in read_samples(urls))

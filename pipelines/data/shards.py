@@ -36,20 +36,26 @@ class QuarantineEntry:
     reason: str
     key: str = ""  # the sample key it would have had ("" when rejected before a key was made)
     detail: str = ""
+    # AVA: the annotated keyframes this entry loses (a missing movie, a chunk that did not decode, a keyframe
+    # whose every row was rejected); 0 for a rejected row and for other sources (pipelines/detection/keyframes.py).
+    keyframes: int = 0
 
-    def to_dict(self) -> dict[str, str]:
-        """The JSON line: `source` and `reason` always, `key` and `detail` when known."""
-        data = {"source": self.source}
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON line: `source` and `reason` always, `key`, `detail` and `keyframes` when known."""
+        data: dict[str, Any] = {"source": self.source}
         if self.key:
             data["key"] = self.key
         data["reason"] = self.reason
         if self.detail:
             data["detail"] = self.detail
+        if self.keyframes:
+            data["keyframes"] = self.keyframes
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuarantineEntry":
-        return cls(str(data["source"]), str(data["reason"]), str(data.get("key", "")), str(data.get("detail", "")))
+        return cls(str(data["source"]), str(data["reason"]), str(data.get("key", "")), str(data.get("detail", "")),
+                   int(data.get("keyframes", 0)))
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """A tiny synthetic set in the AVA v2.2 layout, for tests and a detection demo.
 
-Each video shows 2-3 "persons" (bright rectangles on a dark, noisy background) that each move at a
-constant velocity for the whole video; a person's actions are read off its motion, so the labels are
-multi-label: a person walking up and to the left is both "move left" and "move up", one running right
-is "move right" and "run", one standing is "stand still". The motions are dealt round-robin from a
+Each video shows 2-3 "persons" (bright rectangles with a head of another colour on a dark, noisy
+background) that each move at a constant velocity for the whole video; a person's actions are read off
+its motion, so the labels are multi-label: a person walking up and to the left is both "move left" and
+"move up", one running right is "move right" and "run", one standing is "stand still". The motions are dealt round-robin from a
 seeded shuffle of the motion table, so every set of 6+ persons holds multi-label ones.
 
 Layout (what pipelines/data/sources/ava.py reads, with `window_s=set.window_s`):
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.sources.ava import ACTION_LIST_FILE, CSV_FILES
+from pipelines.data.sources.ava import ACTION_LIST_FILE, CSV_FILES, EXCLUSION_FILES
 from pipelines.data.video import encode_mp4
 
 ACTIONS = {1: "move left", 2: "move right", 3: "move up", 4: "move down", 5: "stand still", 6: "run"}
@@ -44,7 +44,6 @@ ACTIONS = {1: "move left", 2: "move right", 3: "move up", 4: "move down", 5: "st
 # so that every path fits in the frame. Runs are horizontal only: a run down the frame would not fit.
 WALK_TRAVEL = 0.36
 RUN_TRAVEL = 0.72
-EXCLUSION_FILES = {split: f"ava_{split}_excluded_timestamps_v2.2.csv" for split in CSV_FILES}
 PROPOSAL_FILES = {split: f"person_proposals_{split}.csv" for split in CSV_FILES}
 VIDEO_DIR = "videos"
 
@@ -69,7 +68,7 @@ def _motions() -> tuple[Motion, ...]:
 MOTIONS = _motions()
 
 
-@dataclass(frozen=True)
+@dataclass
 class SyntheticAvaSpec:
     train_videos: int = 2
     val_videos: int = 2
@@ -100,6 +99,7 @@ class SyntheticPerson:
     size: tuple[float, float]  # (w, h), normalised
     velocity: tuple[float, float]  # per second
     colour: tuple[int, int, int]
+    head_colour: tuple[int, int, int]  # the top quarter of the rectangle: vertical motion shows inside the box too
 
     def pixel_box(self, t: float, width: int, height: int) -> tuple[int, int, int, int]:
         """The rectangle drawn at time t: pixel columns [x1, x2) and rows [y1, y2)."""
@@ -151,7 +151,9 @@ def _person(person_id: int, motion: Motion, rng: np.random.Generator, duration_s
         start.append(float(rng.uniform(max(0.0, -travel), 1.0 - extent - max(0.0, travel))))
     velocity = (motion.travel[0] / duration_s, motion.travel[1] / duration_s)
     colour = tuple(int(c) for c in rng.integers(140, 256, size=3))
-    return SyntheticPerson(person_id, motion.actions, (start[0], start[1]), size, velocity, colour)
+    # Every channel differs from the body's by >= 50 and stays in 140..255 (farther from the background).
+    head = tuple(int(c - 60 if c >= 200 else c + 55) for c in colour)
+    return SyntheticPerson(person_id, motion.actions, (start[0], start[1]), size, velocity, colour, head)
 
 
 def _render(video: SyntheticVideo, rng: np.random.Generator, spec: SyntheticAvaSpec) -> np.ndarray:
@@ -163,6 +165,7 @@ def _render(video: SyntheticVideo, rng: np.random.Generator, spec: SyntheticAvaS
         for person in video.persons:
             x1, y1, x2, y2 = person.pixel_box(index / spec.fps, spec.width, spec.height)
             frame[y1:y2, x1:x2] = person.colour
+            frame[y1:y1 + max(1, (y2 - y1) // 4), x1:x2] = person.head_colour
         frame += rng.normal(0, 4, size=frame.shape).astype(np.float32)
         video_frames[index] = np.clip(frame, 0, 255).astype(np.uint8)
     return video_frames
@@ -204,8 +207,9 @@ def _action_list_text() -> str:
                    for action, name in ACTIONS.items())
 
 
-def generate(out_dir: str | Path, spec: SyntheticAvaSpec = SyntheticAvaSpec()) -> SyntheticAvaSet:
+def generate(out_dir: str | Path, spec: SyntheticAvaSpec | None = None) -> SyntheticAvaSet:
     """Write the set under `out_dir` (see the module docstring) and describe what was drawn."""
+    spec = spec or SyntheticAvaSpec()
     out = Path(out_dir)
     (out / VIDEO_DIR).mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng([spec.seed, 1_000_003]).permutation(len(MOTIONS))

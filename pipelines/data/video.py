@@ -371,9 +371,17 @@ def transcode(
     encoder: Mp4Encoder | None = None
     timed = iter_frames(data, info, short_side=short_side, min_short_side=min_short_side, start_s=start_s,
                         end_s=end_s, threads=threads)
+    first: list[float] = []  # the time of the first frame kept: stored frame i shows the source at first + i / fps
+
+    def noting_the_first(frames):
+        for t, array in frames:
+            if not first:
+                first.append(t)
+            yield t, array
+
     try:
         with contextlib.closing(timed):
-            for array in resample_stream(timed, fps):
+            for array in resample_stream(noting_the_first(timed), fps):
                 if encoder is None:
                     encoder = Mp4Encoder(fps or info.fps, **encoder_options)
                 encoder.write(array)
@@ -395,6 +403,7 @@ def transcode(
         "source_width": info.source_width,
         "source_height": info.source_height,
         "rotation": info.rotation,
+        "first_frame_s": first[0],
     }
 
 

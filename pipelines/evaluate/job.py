@@ -31,6 +31,7 @@ from pipelines import artifact, plots, tracking
 from pipelines.config import StageResult
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, read_manifest
+from pipelines.detection.task import is_detection_dataset
 from pipelines.raycluster import RayConfig
 from pipelines.tracking import MlflowConfig
 
@@ -75,8 +76,8 @@ class EvaluateResult(StageResult):
     videos: int
     temporal_views: int
     spatial_views: int
-    top1: float
-    top5: float
+    top1: float | None  # None for AVA (detection): frame_map instead
+    top5: float | None
     videos_per_s: float  # scoring throughput (decode + model), after the model is loaded
     checkpoint: str
     dataset: str
@@ -84,11 +85,13 @@ class EvaluateResult(StageResult):
     output: str  # where the report, predictions.parquet, per_class.csv and confusion.csv are
     mlflow_run_id: str  # the run it is logged into ("" = not logged)
     tracking_uri: str  # where that run lives ("" = not logged)
+    # AVA datasets (pipelines/evaluate/detection.py): frame-mAP@0.5; top1/top5 are then None, `videos` counts keyframes
+    frame_map: float | None = None
 
     @property
     def metric_key(self) -> str:
         """The MLflow metric this evaluation is logged as."""
-        return f"eval/{self.split}/top1"
+        return f"eval/{self.split}/{'top1' if self.frame_map is None else 'frame_map'}"
 
     def identity_tags(self) -> dict[str, str]:
         """What the numbers were measured on, as run tags next to the metrics (`register` compares two
@@ -223,6 +226,10 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     from pipelines.scoring import Score
 
     manifest = read_manifest(cfg.dataset)
+    if is_detection_dataset(manifest):
+        from pipelines.evaluate.detection import run_detection
+
+        return run_detection(cfg, manifest)
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")

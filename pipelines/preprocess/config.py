@@ -15,11 +15,17 @@ from pipelines.raycluster import RayConfig
 
 @dataclass
 class AvaOptions:
-    """AVA only: how the annotated 900..1800 s of each movie is cut into samples."""
+    """AVA only: how the annotated 900..1800 s of each movie is cut into samples (see pipelines/data/sources/ava.py)."""
 
     chunk_s: float = 60.0  # seconds of movie per sample (900: one sample per movie)
-    context_s: float = 1.5  # extra seconds on both sides, so clips centred on edge keyframes fit
+    # extra seconds on both sides, so that clips centred on edge keyframes fit: at least half a clip's span
+    # (16x4 at 30 fps: 1.07 s; 32x3: 1.6 s; 64x3: 3.2 s); training checks it against its clip
+    context_s: float = 1.5
     action_list: str = "ava_action_list_v2.2.pbtxt"  # in the annotations folder
+    window_s: list[int] = field(default_factory=lambda: [900, 1800])  # annotated movie seconds [start, end]
+    # person proposals per split, "{split}" replaced (e.g. SlowFast's "ava_{split}_predicted_boxes.csv");
+    # "" = none (training then uses groundtruth boxes only, and evaluation needs test_boxes=groundtruth)
+    proposals: str = ""
 
 
 @dataclass

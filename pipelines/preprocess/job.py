@@ -163,7 +163,7 @@ def run(cfg: PreprocessConfig) -> Manifest:
         num_samples=sum(s.num_samples for s in shards),
         label_map=label_map,
         shards=shards,
-        config=dataclasses.asdict(cfg),
+        config={**dataclasses.asdict(cfg), "source_format": plan.source_format},  # what `auto` read it as
         input_fingerprint=fingerprint,
         inputs=inputs,
         quarantined=len(quarantine),

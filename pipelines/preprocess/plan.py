@@ -13,6 +13,7 @@ from pipelines.data.identity import record_identity, shard_order
 from pipelines.data.shards import DatasetError, QuarantineEntry
 from pipelines.data.sources import VideoRecord, detect_format, load_records
 from pipelines.data.splits import assign_splits
+from pipelines.detection.keyframes import action_label_map, labelled_keyframes
 from pipelines.preprocess.config import PreprocessConfig
 
 
@@ -39,11 +40,13 @@ class Plan:
     inputs: int
     fingerprint: str
     parts: list[Part]
+    source_format: str = ""  # the format read (what `auto` resolved to); the manifest records it
 
 
 def make_plan(cfg: PreprocessConfig) -> Plan:
     """List the inputs of `cfg.source`, drop duplicates and unknown labels (as rejected), assign splits
-    and label ids, and cut the records into parts."""
+    and label ids, and cut the records into parts. AVA's label ids are its action ids - 1, from the whole
+    action list (the detection head has one output per action id, whether or not the data holds it)."""
     fmt = cfg.source_format if cfg.source_format != "auto" else detect_format(cfg.source)
     options = dataclasses.asdict(cfg.ava) if fmt == "ava" else {}
     records, rejected = load_records(cfg.source, fmt, cfg.source_root or None, **options)
@@ -53,7 +56,8 @@ def make_plan(cfg: PreprocessConfig) -> Plan:
     unique: dict[str, VideoRecord] = {}
     for record in records:
         if record.key in unique:
-            rejected.append(QuarantineEntry(record.source, f"duplicate id (key {record.key} already used)"))
+            rejected.append(QuarantineEntry(record.source, f"duplicate id (key {record.key} already used)",
+                                            keyframes=labelled_keyframes(record.extra)))
         else:
             unique[record.key] = record
     records = list(unique.values())
@@ -62,14 +66,17 @@ def make_plan(cfg: PreprocessConfig) -> Plan:
         known = [r for r in records if all(name in label_map for name in r.labels)]
         rejected += [
             QuarantineEntry(r.source, f"unknown label '{next(n for n in r.labels if n not in label_map)}' "
-                                      f"(not in labels_file {cfg.labels_file})")
+                                      f"(not in labels_file {cfg.labels_file})", keyframes=labelled_keyframes(r.extra))
             for r in records if not all(name in label_map for name in r.labels)
         ]
         records = known
+    elif fmt == "ava":
+        label_map = action_label_map(cfg.source, cfg.ava.action_list)
     else:
         label_map = {name: i for i, name in enumerate(sorted({n for r in records for n in r.labels}))}
     records = assign_splits(records, cfg.val_fraction)  # per class, after unknown labels are dropped
-    return Plan(records, rejected, label_map, inputs, fingerprint(records, label_map, cfg), plan_parts(records, cfg))
+    return Plan(records, rejected, label_map, inputs, fingerprint(records, label_map, cfg), plan_parts(records, cfg),
+                fmt)
 
 
 def fingerprint(records: list[VideoRecord], label_map: dict[str, int], cfg: PreprocessConfig) -> str:

@@ -16,6 +16,8 @@ from typing import Callable
 from pipelines.data import storage
 from pipelines.data.shards import IMAGE_KEY, INDEX_FIELDS, MEDIA_KEY, SHARD_DIR, QuarantineEntry, ShardInfo
 from pipelines.data.sources import VideoRecord, dataset_path
+from pipelines.detection.keyframes import COUNTS_FIELD as KEYFRAME_COUNTS
+from pipelines.detection.keyframes import labelled_keyframes, place_keyframes
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.plan import Part
 
@@ -131,7 +133,8 @@ def process_part(
                 try:
                     source, data = record.source, _read_source(record, cfg)
                 except FileNotFoundError:
-                    quarantine.append(QuarantineEntry(record.source, "missing file", key=record.key))
+                    quarantine.append(QuarantineEntry(record.source, "missing file", key=record.key,
+                                                      keyframes=labelled_keyframes(record.extra)))
                     source, data = None, b""
                     continue
                 if isinstance(data, bytes):
@@ -142,19 +145,25 @@ def process_part(
             try:
                 media, video_meta = _encode_image(data, cfg) if image else _encode_video(record, data, cfg)
             except VideoError as exc:
-                quarantine.append(QuarantineEntry(record.source, exc.reason, key=record.key, detail=exc.detail))
+                quarantine.append(QuarantineEntry(record.source, exc.reason, key=record.key, detail=exc.detail,
+                                                  keyframes=labelled_keyframes(record.extra)))
                 continue
             except storage.READ_ERRORS:
                 raise  # a ranged read failed after its retries: storage's fault, not the video's (a rerun resumes)
             except Exception as exc:  # noqa: BLE001 - one bad video must never end the job
                 quarantine.append(QuarantineEntry(record.source, UNEXPECTED, key=record.key,
-                                                  detail=f"{type(exc).__name__}: {exc}"))
+                                                  detail=f"{type(exc).__name__}: {exc}",
+                                                  keyframes=labelled_keyframes(record.extra)))
                 continue
             meta = {"source": dataset_path(record), "label": record.label, "labels": list(record.labels),
                     "split": record.split, "media": record.media, "start_s": record.start_s,
                     "end_s": record.end_s, **video_meta}
             if record.extra:
                 meta["extra"] = record.extra
+            if "keyframes" in record.extra and not image:  # AVA: each keyframe's stored frame (see detection/keyframes.py)
+                meta["extra"], meta[KEYFRAME_COUNTS] = place_keyframes(
+                    record.extra, first_frame_s=video_meta["first_frame_s"], fps=video_meta["fps"],
+                    frames=video_meta["frames"])
             writer.write({
                 "__key__": record.key,
                 IMAGE_KEY if image else MEDIA_KEY: media,
@@ -163,7 +172,8 @@ def process_part(
             })
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
             index.append({"key": record.key, "shard": Path(writer.fname).name, "bytes": len(media),
-                          **{k: meta[k] for k in INDEX_FIELDS}})
+                          **{k: meta[k] for k in INDEX_FIELDS},
+                          **{k: meta[k] for k in (KEYFRAME_COUNTS,) if k in meta}})
         writer.close()
         bytes_in += _close_reader(reader)
         reader = None

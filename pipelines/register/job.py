@@ -167,6 +167,7 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     import mlflow
     import pandas as pd
 
+    from pipelines.register import detection_pyfunc
     from pipelines.register.pyfunc import SIGNATURE
 
     uri = tracking.connect(cfg.mlflow.tracking_uri)
@@ -180,16 +181,24 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     tracking.log_config(client, cfg.mlflow_run_id, "register", cfg)
     with tempfile.TemporaryDirectory() as tmp:
         slim = Path(tmp) / artifact.CHECKPOINT_FILE
-        torch.save(artifact.slim(state, temporal_views=cfg.temporal_views), slim)
-        example = _example_video(cfg, Path(tmp))
+        if detection_pyfunc.is_detector(state):  # AVA: boxes with action scores at a keyframe (detection_pyfunc.py)
+            python_model = Path(__file__).with_name("detection_pyfunc_model.py")
+            input_example, fps = detection_pyfunc.example_and_fps(cfg.dataset, Path(tmp))
+            signature = None  # inferred from the example (video, timestamp, boxes as JSON)
+            torch.save(artifact.slim(state, fps=fps), slim)
+        else:
+            python_model = Path(__file__).with_name("pyfunc_model.py")
+            torch.save(artifact.slim(state, temporal_views=cfg.temporal_views), slim)
+            input_example = pd.DataFrame({"video": [_example_video(cfg, Path(tmp))]})
+            signature = SIGNATURE
         with tracking.fluent(uri), mlflow.start_run(run_id=cfg.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing pickled
+                python_model=str(python_model),  # models from code: nothing is pickled
                 artifacts={"checkpoint": str(slim)},
                 code_paths=[str(Path(mvit.__file__).parent), str(Path(pipelines.__file__).parent)],
-                signature=SIGNATURE,
-                input_example=pd.DataFrame({"video": [example]}),
+                signature=signature,
+                input_example=input_example,
                 pip_requirements=PIP_REQUIREMENTS,
             )
     with tracking.fluent(uri):

@@ -10,6 +10,7 @@ from typing import ClassVar
 from omegaconf import MISSING
 
 from pipelines.data.clips import ClipConfig
+from pipelines.detection.config import DetectionConfig
 from pipelines.raycluster import RayConfig
 from pipelines.tracking import MlflowConfig
 
@@ -140,6 +141,7 @@ class TrainConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)  # AVA datasets only
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -170,6 +172,7 @@ class TrainConfig:
             raise ValueError(f"config key 'min_workers' ({self.min_workers}) exceeds num_workers ({self.num_workers})")
         for world in self.world_sizes():
             BatchPlan.of(self.global_batch(), self.batch_size, world)
+        self.detection.validate()
 
     def global_batch(self) -> int:
         """Clips per optimizer step, whatever the number of workers."""

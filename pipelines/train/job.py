@@ -24,6 +24,7 @@ from pipelines.artifact import Lineage
 from pipelines.config import StageResult
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, read_manifest, stored_fps
+from pipelines.detection.task import detection_task
 from pipelines.provenance import code_version
 from pipelines.raycluster import ensure_ray
 from pipelines.train import init
@@ -89,8 +90,12 @@ def run(cfg: TrainConfig) -> TrainResult:
             f"{cfg.dataset} has {train_shards} train shard(s) for {cfg.num_workers} workers: every rank needs "
             "its own shards; preprocess with a smaller target_shard_bytes / max_samples_per_shard or use fewer workers"
         )
-    if manifest.split_samples("train") < cfg.global_batch():
-        raise DatasetError(f"{cfg.dataset} has fewer train samples than one global batch ({cfg.global_batch()})")
+    # AVA: the detection task (it also checks the chunks' context); an example is a labelled keyframe
+    task = detection_task(cfg.dataset, manifest, cfg.clip, cfg.detection)
+    examples = task.train_examples() if task else manifest.split_samples("train")
+    if examples < cfg.global_batch():
+        raise DatasetError(f"{cfg.dataset} has fewer train {'keyframes' if task else 'samples'} ({examples}) than one "
+                           f"global batch ({cfg.global_batch()})")
     storage.check_reachable(cfg.storage_path)
     run_name = cfg.resolved_run_name()
     run_dir = storage.join(cfg.storage_path, run_name)
@@ -100,7 +105,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     # Fine-tuning: the weights are read here, once, checked against the run's model (a wrong architecture
     # fails before any worker starts), and handed to the workers through the object store.
     weights = init.read_init_weights(cfg.init_checkpoint, tracking_uri) if cfg.init_checkpoint else None
-    report = init.describe(build_model(cfg, manifest.label_map, weights.state), weights.state,
+    report = init.describe(build_model(cfg, manifest.label_map, weights.state, task), weights.state,
                            manifest.label_map) if weights else None
     run_id = tracking.open_run(cfg, manifest, run_dir, tracking_uri)
     if weights:

@@ -10,6 +10,10 @@ A step takes `global_batch / batch_size` micro-batches spread over the ranks, ea
 (pipelines/train/steps.py): the global batch is the recipe's whatever the number of workers. A step whose loss or gradient norm is not finite on some rank
 is skipped on all of them; `max_bad_steps` in a row end the run with a report the driver raises (not an
 exception, which Ray Train would answer with a restart into the same wall).
+
+An AVA dataset trains the detector (pipelines/detection/task.py): where the two tasks differ (head, epoch
+size, loader, loss, validation) the loop asks the task; accumulation, the NaN guard, checkpoints and exact
+mid-epoch resume are the same code for both.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pipelines import artifact, tracking
 from pipelines.data import storage
 from pipelines.data.loader import rank_shards, train_loader
 from pipelines.data.shards import read_manifest
+from pipelines.detection.data import DetectionBatch
+from pipelines.detection.task import DetectionTask, detection_task
 from pipelines.raycluster import quiet_train_worker_logs
 from pipelines.scoring import precision_context, score_videos
 from pipelines.tracking import Attempt, MlflowTracker, NullTracker, system_metrics
@@ -40,23 +46,28 @@ from pipelines.train.objective import Targets, soft_target_cross_entropy
 from pipelines.train.progress import Progress
 from pipelines.train.steps import accumulate_gradients, check_step, grouped
 
-# The metric Ray Train ranks checkpoints by (CheckpointConfig.checkpoint_score_attribute): val/top1 at an
-# epoch's end; a mid-epoch checkpoint has not been evaluated and scores -inf, so it is never the best and
+# The metric Ray Train ranks checkpoints by (CheckpointConfig.checkpoint_score_attribute): the validation
+# metric at an epoch's end; a mid-epoch checkpoint has not been evaluated and scores -inf, so it is never the best and
 # is the first to go once a newer checkpoint exists (Ray keeps the latest whatever its score).
 SCORE = "checkpoint_score"
+# What SCORE is at an epoch's end: val/top1, or for detection val/frame_map.
+VAL_SCORE = {"classification": "val/top1", "detection": "val/frame_map"}
 
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_step{step:08d}"
 
 
-def build_model(cfg: TrainConfig, label_map: dict[str, int], init_state: dict | None = None) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, label_map: dict[str, int], init_state: dict | None = None,
+                task: DetectionTask | None = None) -> torch.nn.Module:
     """The run's model at the recipe's input size (T x crop x crop, or crop x crop for the image
     variants), from `init_state` (the weights the driver read, see init.py) when fine-tuning: a head
-    trained on other classes is re-initialised."""
-    num_classes = len(label_map)
+    trained on other classes is re-initialised. With a detection `task`: the detector (RoI head, one
+    output per AVA action id), whose head `create_model` re-initialises over a classifier's checkpoint."""
+    num_classes = task.num_classes if task else len(label_map)
     crop = (cfg.clip.crop_size, cfg.clip.crop_size)
-    overrides = {"input_size": (cfg.clip.num_frames, *crop) if mvit.get_config(cfg.model).is_video else crop}
+    overrides = {"input_size": (cfg.clip.num_frames, *crop) if mvit.get_config(cfg.model).is_video else crop,
+                 "head": task.head if task else "cls"}
     if cfg.drop_path_rate >= 0:
         overrides["drop_path_rate"] = cfg.drop_path_rate
     model = mvit.create_model(cfg.model, num_classes=num_classes, checkpoint=init_state, **overrides)
@@ -95,16 +106,25 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         torch.cuda.set_device(device)  # NCCL's object collectives (the generators' gather) use the current device
 
     manifest = read_manifest(cfg.dataset)
-    num_classes = len(manifest.label_map)
+    # AVA datasets train the detector (pipelines/detection/task.py); where the two differ, the loop asks `task`.
+    task = detection_task(cfg.dataset, manifest, cfg.clip, cfg.detection)
+    num_classes = task.num_classes if task else len(manifest.label_map)
     train_urls = rank_shards(manifest.shard_urls(cfg.dataset, "train"), rank, world)
     val_urls = rank_shards(manifest.shard_urls(cfg.dataset, "val"), rank, world)
     # The recipe's global batch whatever the world size: fewer workers accumulate more micro-batches.
     plan = BatchPlan.of(cfg.global_batch(), cfg.batch_size, world)
     accumulation = plan.accumulation(rank)  # this rank's micro-batches per step
-    steps_per_epoch = max(1, manifest.split_samples("train") // plan.global_batch)
+    # One example is a clip: a video, or for AVA a labelled keyframe (a stored sample is a chunk of many).
+    examples = task.train_examples() if task else manifest.split_samples("train")
+    steps_per_epoch = max(1, examples // plan.global_batch)
+    if task and rank == 0:
+        ignored = [name for name, on in (("mixup", cfg.mixup.enabled), ("optim.label_smoothing", cfg.optim.label_smoothing),
+                                         ("clip.repeated_augment", cfg.clip.repeated_augment > 1)) if on]
+        print(f"[train] {task.describe()}; {examples} training keyframes"
+              + (f"; not used by detection: {', '.join(ignored)}" if ignored else ""), flush=True)
 
     init_state = ray.get(loop_config["init_weights"]) if loop_config.get("init_weights") is not None else None
-    model = ray.train.torch.prepare_model(build_model(cfg, manifest.label_map, init_state))
+    model = ray.train.torch.prepare_model(build_model(cfg, manifest.label_map, init_state, task))
     del init_state
     lr = optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, plan.global_batch)
     optimizer = optim.build_optimizer(model, cfg.optim, lr)
@@ -183,24 +203,33 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         for epoch in range(start_epoch, cfg.epochs):
             first = start_in_epoch if epoch == start_epoch else 0
             data_seed = cfg.seed * 100_003 + epoch * 1009 + rank
-            loader = train_loader(
-                train_urls, cfg.clip, cfg.batch_size, steps_per_epoch * accumulation,
-                shuffle_buffer=cfg.shuffle_buffer, seed=data_seed,
-                loader_workers=cfg.loader_workers, start_batch=first * accumulation,
-            )
+            if task:  # the same stream contract: batch k of a resumed epoch is batch k of the whole epoch
+                loader = task.train_loader(train_urls, batch_size=cfg.batch_size,
+                                           steps_per_epoch=steps_per_epoch * accumulation,
+                                           shuffle_buffer=cfg.shuffle_buffer, seed=data_seed,
+                                           loader_workers=cfg.loader_workers, start_batch=first * accumulation)
+            else:
+                loader = train_loader(
+                    train_urls, cfg.clip, cfg.batch_size, steps_per_epoch * accumulation,
+                    shuffle_buffer=cfg.shuffle_buffer, seed=data_seed,
+                    loader_workers=cfg.loader_workers, start_batch=first * accumulation,
+                )
             model.train()
             epoch_loss, epoch_steps = (resumed_loss_sum, resumed_finite_steps) if first else (0.0, 0)
             for step_in_epoch, micro_batches in enumerate(grouped(progress.timed(loader), accumulation), first):
                 step += 1
                 # soft targets: label smoothing, and MixUp/CutMix when on
-                targets = Targets(num_classes, cfg.mixup, cfg.optim.label_smoothing,
-                                  _mixing_generator(data_seed, step_in_epoch))
+                targets = None if task else Targets(num_classes, cfg.mixup, cfg.optim.label_smoothing,
+                                                    _mixing_generator(data_seed, step_in_epoch))
 
                 def loss_of(batch, step=step, targets=targets):
-                    clips, soft = targets(*batch[:2])
-                    with precision_context(cfg.precision, device):
-                        logits = model(clips.to(device))
-                    loss = soft_target_cross_entropy(logits, soft.to(device))
+                    if task:  # multi-label BCE over the boxes: per-box labels take no MixUp / smoothing
+                        loss, _keys = task.loss(model, batch, device, cfg.precision)
+                    else:
+                        clips, soft = targets(*batch[:2])
+                        with precision_context(cfg.precision, device):
+                            logits = model(clips.to(device))
+                        loss = soft_target_cross_entropy(logits, soft.to(device))
                     return loss * math.nan if rank == 0 and cfg.faults.nan_at(step) else loss
 
                 optimizer.zero_grad(set_to_none=True)
@@ -208,7 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 trained = [p for p in model.parameters() if p.grad is not None]  # a frozen backbone has none
                 grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip or math.inf)
                 checked = check_step(loss_sum, grad_norm, plan.micro_batches)
-                keys = [key for _clips, _labels, batch_keys in micro_batches for key in batch_keys]
+                keys = [key for batch in micro_batches for key in _batch_keys(batch)]
                 if checked.finite:
                     optimizer.step()
                     bad_in_a_row = 0
@@ -249,12 +278,16 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if failure:
                 break
 
-            val = score_videos(model, val_urls, cfg.clip, num_classes=num_classes, device=device,
-                               batch_size=cfg.batch_size, precision=cfg.precision)
+            if task:  # a collective (all_gather): every rank calls it, also one without val shards
+                val_metrics = task.validate(model, val_urls, device=device, batch_size=cfg.batch_size,
+                                            precision=cfg.precision)
+            else:
+                val = score_videos(model, val_urls, cfg.clip, num_classes=num_classes, device=device,
+                                   batch_size=cfg.batch_size, precision=cfg.precision)
+                val_metrics = {"val/top1": val.top1, "val/top5": val.top5} if val.total else {}
             # The step losses are already means over the ranks: every rank holds the same epoch mean.
-            metrics = {"epoch": epoch, "step": step, "train/epoch_loss": epoch_loss / max(1, epoch_steps)}
-            if val.total:
-                metrics.update({"val/top1": val.top1, "val/top5": val.top5})
+            metrics = {"epoch": epoch, "step": step, "train/epoch_loss": epoch_loss / max(1, epoch_steps),
+                       **val_metrics}
             epoch_metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
             if rank == 0:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}  # MLflow keeps all digits
@@ -263,7 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if cfg.audit_sample_keys:
                 audit = {"rank": rank, "world": world, "keys": sorted(seen_keys), "shards": train_urls}
                 storage.write_bytes(storage.join(run_dir, "data_audit", f"rank-{rank}.json"), json.dumps(audit).encode())
-            score = val.top1 if val.total else -math.inf
+            score = val_metrics.get(VAL_SCORE["detection" if task else "classification"], -math.inf)
             commit(epoch, {"epoch": epoch + 1, "step_in_epoch": 0}, {**metrics, SCORE: score}, epoch_metrics)
             # Logged once the epoch's checkpoint is committed, and at most once per step: an epoch redone after
             # a restart does not add a second point to the per-epoch curves.
@@ -274,6 +307,12 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if failure and rank == 0:
         return {"failure": failure}
     return None
+
+
+def _batch_keys(batch) -> list[str]:
+    """The sample keys of a micro-batch: (clips, labels, keys) for classification, a DetectionBatch (its
+    keyframe keys) for detection."""
+    return list(batch.keys) if isinstance(batch, DetectionBatch) else list(batch[2])
 
 
 def _point_at_best(kept: list, storage_path: str, run_dir: str) -> None:
@@ -304,7 +343,8 @@ def _log_final_artifacts(tracker: MlflowTracker, labels: list[str], confusion: n
     from pipelines import plots
 
     with tempfile.TemporaryDirectory() as tmp:
-        series = {k: tracker.history(k) for k in ("train/loss", "train/lr", "val/top1")}
+        series = {k: tracker.history(k) for k in ("train/loss", "train/lr", "val/top1", "val/frame_map")}
+        series = {k: points for k, points in series.items() if points or k != "val/frame_map"}  # detection only
         curves = os.path.join(tmp, "curves.png")
         plots.curves(series, curves)
         tracker.log_artifact(curves, "plots")

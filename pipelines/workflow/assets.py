@@ -67,10 +67,30 @@ def source_fingerprint(uri: str) -> str:
     return _digest(listing)
 
 
+def generate_synthetic_ava(settings: WorkflowSettings) -> tuple[str, int]:
+    """Write the synthetic AVA set to raw_dir (through a temp dir and an upload when raw_dir is s3://); its
+    train groundtruth CSV goes last and marks the set as complete."""
+    from pipelines.data.sources.ava import CSV_FILES
+    from pipelines.data.synthetic_ava import generate
+
+    raw_dir, marker = settings.resolved_raw_dir(), CSV_FILES["train"]
+    if not storage.is_s3(raw_dir):
+        made = generate(raw_dir, settings.synthetic_ava)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            made = generate(tmp, settings.synthetic_ava)
+            files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+            for path in sorted(files, key=lambda p: p.name == marker):
+                storage.upload_file(path, storage.join(raw_dir, str(path.relative_to(tmp))))
+    return storage.join(raw_dir, marker), len(made.videos)
+
+
 def generate_synthetic(settings: WorkflowSettings) -> tuple[str, int]:
     """Write the synthetic set to raw_dir (through a temp dir and an upload when raw_dir is s3://)."""
     from pipelines.data.synthetic import generate
 
+    if settings.synthetic_format == "ava":
+        return generate_synthetic_ava(settings)
     spec = settings.synthetic
     raw_dir = settings.resolved_raw_dir()
     if not storage.is_s3(raw_dir):
@@ -97,7 +117,8 @@ def _raw_videos_asset(settings: WorkflowSettings):
         return raw_videos
 
     @dg.asset(key="raw_videos", group_name=GROUP, code_version=f"synthetic-{source_hash(settings)}",
-              description="the synthetic motion set (pipelines/data/synthetic.py), written to workflow.raw_dir")
+              description=f"the synthetic {settings.synthetic_format} set (pipelines/data/synthetic.py or "
+                          "synthetic_ava.py), written to workflow.raw_dir")
     def raw_videos() -> dg.Output[dict]:
         labels_csv, videos = generate_synthetic(settings)
         fingerprint = source_fingerprint(settings.resolved_raw_dir())
@@ -141,7 +162,7 @@ def _stage_asset(stage: Stage, cfg: WorkflowConfig, inputs: tuple[str, ...], dep
 
 # Result fields also shown as separate metadata entries in Dagster's UI.
 HEADLINE = ("digest", "num_samples", "quarantined", "shards", "checkpoint", "mlflow_run_id", "run_name",
-            "top1", "top5", "videos", "model_uri", "version", "promoted")
+            "top1", "top5", "frame_map", "videos", "model_uri", "version", "promoted")
 RESULT_KEY = "result"
 
 

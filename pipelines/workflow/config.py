@@ -27,6 +27,7 @@ from typing import Any
 from pipelines.config import STAGE_SECTIONS, ConfigError, load_config, read_yaml_file
 from pipelines.data import storage
 from pipelines.data.synthetic import SyntheticSpec
+from pipelines.data.synthetic_ava import SyntheticAvaSpec
 from pipelines.evaluate.job import EvaluateConfig
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.register.job import RegisterConfig
@@ -38,6 +39,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "workflow.yam
 # Placeholder for keys whose value only exists once the upstream asset is materialized (checkpoint URI,
 # MLflow run id): the asset fills them in before its stage runs.
 FROM_UPSTREAM = "<set by the workflow from the upstream asset>"
+SYNTHETIC_FORMATS = ("motion", "ava")
 
 
 @dataclass
@@ -47,6 +49,10 @@ class WorkflowSettings:
     source: str = ""  # raw videos (folder or annotation file, local or s3://); "" = generate the synthetic set
     # the synthetic motion set generated when `source` is empty; smaller than the demo's by default
     synthetic: SyntheticSpec = field(default_factory=lambda: SyntheticSpec(videos_per_class=20, size=48))
+    # which synthetic set: "motion" (classification, `synthetic`) or "ava" (action detection in the AVA layout,
+    # `synthetic_ava`; preprocess it with source_format: ava, see configs/ava_synthetic.yaml)
+    synthetic_format: str = "motion"
+    synthetic_ava: SyntheticAvaSpec = field(default_factory=SyntheticAvaSpec)
     raw_dir: str = ""  # where the synthetic set is written (local or s3://); "" = <state_dir>/raw
     # preprocessed dataset prefix (preprocess.output); "" = <state_dir>/datasets/<hash of the raw set and the
     # preprocess config>, so a changed preprocess key writes a new dataset beside the old one
@@ -79,8 +85,18 @@ class WorkflowSettings:
         return self._under_state(self.storage_path, "runs")
 
     def source_uri(self) -> str:
-        """The annotation file or folder preprocess reads: the configured source or the synthetic CSV."""
-        return self.source or storage.join(self.resolved_raw_dir(), "labels.csv")
+        """The annotation file or folder preprocess reads: the configured source, the synthetic CSV, or the
+        synthetic AVA set's folder."""
+        if self.source:
+            return self.source
+        if self.synthetic_format == "ava":
+            return self.resolved_raw_dir()
+        return storage.join(self.resolved_raw_dir(), "labels.csv")
+
+    def validate(self) -> None:
+        if self.synthetic_format not in SYNTHETIC_FORMATS:
+            raise ValueError(f"config key 'workflow.synthetic_format' must be one of {SYNTHETIC_FORMATS}, "
+                             f"got {self.synthetic_format!r}")
 
 
 @dataclass
@@ -173,6 +189,8 @@ def stage_hash(stage: str, cfg: Any) -> str:
 
 def source_hash(settings: WorkflowSettings) -> str:
     """Config hash of the synthetic-set generator (where it writes and what it draws)."""
+    spec = settings.synthetic_ava if settings.synthetic_format == "ava" else settings.synthetic
     payload = json.dumps({"logic": STAGE_LOGIC_VERSION["raw_videos"], "raw_dir": settings.resolved_raw_dir(),
-                          "spec": dataclasses.asdict(settings.synthetic)}, sort_keys=True)
+                          "spec": dataclasses.asdict(spec),
+                          **({"format": "ava"} if settings.synthetic_format == "ava" else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

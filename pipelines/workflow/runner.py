@@ -232,6 +232,8 @@ def latest_outputs(instance: dg.DagsterInstance) -> dict:
     evaluation = _metadata(instance, "evaluation")
     if evaluation:
         out["val_top1"] = round(evaluation["top1"], 4) if evaluation.get("top1") is not None else None
+        if evaluation.get("frame_map") is not None:  # AVA: frame-mAP@0.5 (val_top1 is then None)
+            out["val_frame_map"] = evaluation["frame_map"]
         out["mlflow_run_id"] = evaluation.get("mlflow_run_id")
     registered = _metadata(instance, "registered_model")
     if registered:

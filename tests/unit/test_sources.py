@@ -279,15 +279,60 @@ def test_ava_chunks_carry_keyframe_boxes_and_actions(tmp_path):
     assert len({r.key for r in records}) == 4
 
     train_csv = annotations / "ava_train_v2.2.csv"
+    # Rows: one quarantine line each, the reason a category (what `mvit shards stats` counts), the specifics in detail.
+    rows = {r.source: (r.reason, r.detail) for r in rejected if r.source.startswith(f"{train_csv}:")}
+    assert rows == {
+        f"{train_csv}:7": ("unknown action_id", "55 is not in the action list"),
+        f"{train_csv}:8": ("timestamp outside the annotated window",
+                           "300 outside 900..1800 s (AVA: 900..1800; option window_s)"),
+        f"{train_csv}:9": ("inverted box (x1 > x2 or y1 > y2)", "box [0.5, 0.2, 0.1, 0.9]: columns are x1,y1,x2,y2"),
+        f"{train_csv}:10": ("malformed row", "expected video_id,timestamp,x1,y1,x2,y2,action_id,person_id (4 columns)"),
+        f"{train_csv}:11": ("non-numeric field", "invalid literal for int() with base 10: '09o4'"),
+    }
+    assert all(r.keyframes == 0 for r in rejected if r.source in rows)
+    # Keyframes: those left without a usable row (0903, 0300, 0904: rows 7-10; row 11 names no readable time)
+    # and those of the missing movie, each counted once, so every keyframe a row names is accounted for.
+    lost = sorted((r.reason, r.detail, r.keyframes) for r in rejected if r.source not in rows)
+    assert lost == [
+        ("keyframe without a usable row", "movieAAAAAA,0300: its 1 row(s) were rejected", 1),
+        ("keyframe without a usable row", "movieAAAAAA,0903: its 1 row(s) were rejected", 1),
+        ("keyframe without a usable row", "movieAAAAAA,0904: its 2 row(s) were rejected", 1),
+        ("missing file", f"no missingMOVIE.mp4/.mkv/.webm under {videos} (2 annotated keyframes in 2 chunks of "
+                         f"{train_csv})", 2),
+    ]
+    kept = sum(len(r.extra["keyframes"]) for r in records)
+    named = {(row.split(",")[0], row.split(",")[1]) for row in train_csv.read_text().splitlines()
+             if row and row.split(",")[1].isdigit()} | {("movieBBBBBB", "1500")}
+    assert kept + sum(r.keyframes for r in rejected) == len(named) == 9
+
+
+def test_ava_proposals_and_excluded_timestamps(tmp_path):
+    annotations, videos = ava_layout(tmp_path)
+    (annotations / "ava_train_excluded_timestamps_v2.2.csv").write_text("movieAAAAAA,0961\nbroken row\n")
+    (annotations / "props_train.csv").write_text(
+        "movieAAAAAA,0902,0.11,0.2,0.5,0.9,0.97\n"      # 1: near person 0 (our 7-column layout)
+        "movieAAAAAA,0902,0.6,0.1,0.9,0.8,,0.85\n"      # 2: SlowFast's 8 columns (empty label)
+        "movieAAAAAA,0905,0.3,0.3,0.4,0.4,0.9\n"        # 3: a keyframe without groundtruth: listed, no boxes
+        "movieAAAAAA,0961,0.1,0.2,0.5,0.9,0.9\n"        # 4: excluded keyframe: dropped
+        "movieAAAAAA,0906,1.3,0.3,0.4,0.4,0.9\n"        # 5: box outside [0, 1]
+        "otherMOVIE,0902,0.1,0.1,0.2,0.2,0.9\n"         # 6: a video without groundtruth in this split: unused
+    )
+    (annotations / "props_val.csv").write_text("")
+    records, rejected = ava(str(annotations), str(videos), proposals="props_{split}.csv")
+    first = records[0]
+    assert [(k["t"], k["proposals"], len(k["boxes"])) for k in first.extra["keyframes"]] == [
+        (902, [[0.11, 0.2, 0.5, 0.9, 0.97], [0.6, 0.1, 0.9, 0.8, 0.85]], 2), (905, [[0.3, 0.3, 0.4, 0.4, 0.9]], 0)]
+    # the excluded keyframe's groundtruth row is rejected as such, and so its chunk (960..1020) has no record
+    assert [r.start_s for r in records if r.split == "train"] == [898.5, 1738.5]
     reasons = {r.source: r.reason for r in rejected}
-    assert reasons[f"{train_csv}:7"] == "unknown action_id 55 (not in the action list)"
-    assert reasons[f"{train_csv}:8"] == "timestamp 300 outside AVA's annotated 900..1800 s"
-    assert reasons[f"{train_csv}:9"].startswith("box [0.5, 0.2, 0.1, 0.9] is not normalised")
-    assert reasons[f"{train_csv}:10"].startswith("expected video_id,timestamp,x1,y1,x2,y2,action_id,person_id (4 columns)")
-    assert reasons[f"{train_csv}:11"].startswith("non-numeric field")
-    assert reasons[str(videos / "missingMOVIE")].startswith("missing file: no missingMOVIE.mp4/.mkv/.webm")
-    assert "(2 annotated chunks of" in reasons[str(videos / "missingMOVIE")]
-    assert len(rejected) == 6
+    csv_uri = str(annotations / "ava_train_v2.2.csv")
+    assert reasons[f"{csv_uri}:4"] == "excluded timestamp"
+    assert reasons[f"{annotations / 'ava_train_excluded_timestamps_v2.2.csv'}:2"] == "malformed row"
+    assert reasons[f"{annotations / 'props_train.csv'}:5"] == "box outside [0, 1]"
+    with pytest.raises(SourceError, match="must contain \\{split\\}"):
+        ava(str(annotations), str(videos), proposals="props.csv")
+    with pytest.raises(SourceError, match="person-proposals CSV .*nope_train.csv does not exist"):
+        ava(str(annotations), str(videos), proposals="nope_{split}.csv")
 
 
 def test_ava_one_record_per_movie_and_options_through_load_records(tmp_path):

@@ -75,7 +75,7 @@ _ADAPTERS: dict[str, tuple[Callable[..., tuple[list[VideoRecord], list[Rejected]
     "csv": (path_label_csv, ()),
     "kinetics": (kinetics_csv, ()),
     "ssv2": (ssv2_json, ()),
-    "ava": (ava, ("chunk_s", "context_s", "action_list", "window_s")),
+    "ava": (ava, ("chunk_s", "context_s", "action_list", "window_s", "proposals")),
 }
 FORMATS = ("auto", *_ADAPTERS)
 
@@ -133,7 +133,7 @@ def load_records(
 ) -> tuple[list[VideoRecord], list[Rejected]]:
     """Records and rejections of `source` read as `source_format` (see the table above). `root` is where
     the videos are for annotation-file formats; `options` go to the adapter (AVA: chunk_s, context_s,
-    action_list, window_s)."""
+    action_list, window_s, proposals)."""
     if source_format not in FORMATS:
         raise SourceError(f"unknown source_format '{source_format}'; use one of {', '.join(FORMATS)}")
     fmt = detect_format(source) if source_format == "auto" else source_format
