@@ -178,8 +178,9 @@ def test_preprocess_job_writes_the_dataset_to_s3(submitted, ray_head, raw_videos
 
 
 def train_result(submitted) -> dict:
-    return next(json.loads(line) for line in reversed(submitted["train_logs"].splitlines())
-                if line.startswith('{"checkpoint"'))
+    """The train job's result: the last JSON line of its log that names a checkpoint (keys are sorted)."""
+    lines = [line for line in submitted["train_logs"].splitlines() if line.startswith("{")]
+    return next(r for r in map(json.loads, reversed(lines)) if "checkpoint" in r and "mlflow_run_id" in r)
 
 
 def test_train_job_writes_a_checkpoint_and_succeeds(submitted, ray_head, services, mvit_in_process):
