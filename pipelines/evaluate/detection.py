@@ -14,7 +14,6 @@ written under `output` (default <checkpoint dir>/eval-<split>), as for classific
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -25,15 +24,14 @@ from pathlib import Path
 
 import torch
 
-from pipelines import artifact, tracking
-from pipelines.artifact import TrainedModel
+from pipelines import tracking
 from pipelines.config import from_dict
 from pipelines.data import storage
 from pipelines.data.shards import DatasetError, Manifest
 from pipelines.detection import ava_eval
 from pipelines.detection.config import DetectionConfig
 from pipelines.detection.scoring import frame_map, official_files, score_keyframes
-from pipelines.evaluate.job import EvaluateConfig, EvaluateResult, _default_output
+from pipelines.evaluate.job import EvaluateConfig, EvaluateResult, _default_output, resolved_inputs
 
 
 def ap_table(result: ava_eval.AvaResult) -> dict[str, list]:
@@ -45,16 +43,7 @@ def ap_table(result: ava_eval.AvaResult) -> dict[str, list]:
 
 
 def run_detection(cfg: EvaluateConfig, manifest: Manifest) -> EvaluateResult:
-    urls = manifest.shard_urls(cfg.dataset, cfg.split)
-    if not urls:
-        raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")
-    ref = artifact.resolve(cfg.checkpoint, cfg.run_dir)
-    if ref.checkpoint != cfg.checkpoint:
-        print(f"[evaluate] checkpoint={cfg.checkpoint}: {ref.checkpoint}", flush=True)
-    cfg = dataclasses.replace(cfg, checkpoint=ref.checkpoint, mlflow_run_id=cfg.mlflow_run_id or ref.mlflow_run_id)
-    trained = TrainedModel.from_state(artifact.load_state(cfg.checkpoint))
-    if trained.label_map != manifest.label_map:
-        raise DatasetError(f"the labels of checkpoint {cfg.checkpoint} differ from those of {cfg.dataset}")
+    cfg, urls, _state, trained = resolved_inputs(cfg, manifest)
     if getattr(trained.model.cfg, "head", "cls") != "roi":
         raise DatasetError(f"{cfg.dataset} is an AVA (detection) dataset but checkpoint {cfg.checkpoint} is a classifier")
     det = from_dict(DetectionConfig, trained.train_config.get("detection", {}), origin="checkpoint train_config.detection")

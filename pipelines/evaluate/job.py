@@ -219,17 +219,11 @@ def _parquet(frame) -> bytes:
     return buffer.getvalue()
 
 
-def run(cfg: EvaluateConfig) -> EvaluateResult:
-    import pandas as pd
+def resolved_inputs(cfg: EvaluateConfig, manifest) -> tuple[EvaluateConfig, list[str], dict, artifact.TrainedModel]:
+    """What both evaluations (classification here, detection in detection.py) start from: the split's shards,
+    the checkpoint as named (a run directory, best|latest) resolved, with its MLflow run when the config
+    names none, its state and rebuilt model, checked against the dataset's labels."""
 
-    from pipelines.artifact import TrainedModel
-    from pipelines.scoring import Score
-
-    manifest = read_manifest(cfg.dataset)
-    if is_detection_dataset(manifest):
-        from pipelines.evaluate.detection import run_detection
-
-        return run_detection(cfg, manifest)
     urls = manifest.shard_urls(cfg.dataset, cfg.split)
     if not urls:
         raise DatasetError(f"{cfg.dataset} has no '{cfg.split}' shards (splits: {sorted(manifest.splits)})")
@@ -238,9 +232,23 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         print(f"[evaluate] checkpoint={cfg.checkpoint}: {ref.checkpoint}", flush=True)
     cfg = dataclasses.replace(cfg, checkpoint=ref.checkpoint, mlflow_run_id=cfg.mlflow_run_id or ref.mlflow_run_id)
     state = artifact.load_state(cfg.checkpoint)
-    trained = TrainedModel.from_state(state)
+    trained = artifact.TrainedModel.from_state(state)
     if trained.label_map != manifest.label_map:
         raise DatasetError(f"the labels of checkpoint {cfg.checkpoint} differ from those of {cfg.dataset}")
+    return cfg, urls, state, trained
+
+
+def run(cfg: EvaluateConfig) -> EvaluateResult:
+    import pandas as pd
+
+    from pipelines.scoring import Score
+
+    manifest = read_manifest(cfg.dataset)
+    if is_detection_dataset(manifest):
+        from pipelines.evaluate.detection import run_detection
+
+        return run_detection(cfg, manifest)
+    cfg, urls, state, trained = resolved_inputs(cfg, manifest)
     temporal = cfg.temporal_views or trained.clip.test_temporal_views
     spatial = cfg.spatial_views or trained.clip.test_spatial_views
     clip_dict = dict(state.get("train_config", {}).get("clip", {}))
