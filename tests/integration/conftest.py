@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import redirect_stderr, redirect_stdout
@@ -182,6 +183,40 @@ def chromium() -> str:
     found = shutil.which("chromium")
     assert found, "chromium was installed but is not on PATH"
     return found
+
+
+class BackgroundTraining:
+    """A training job (`pipelines.train.job.run`) in a thread of the test process, so that the test can
+    kill its workers meanwhile; `result` joins it and re-raises what the job raised."""
+
+    def __init__(self, cfg):
+        self.outcome: dict = {}
+        self.thread = threading.Thread(target=self._fit, args=(cfg,))
+        self.thread.start()
+
+    def _fit(self, cfg) -> None:
+        from pipelines.train.job import run
+
+        try:
+            self.outcome["result"] = run(cfg)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread by result()
+            self.outcome["error"] = exc
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def result(self, timeout: float):
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), f"training still running after {timeout}s"
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["result"]
+
+
+@pytest.fixture(scope="session")
+def training_in_background():
+    """BackgroundTraining: start a training job in a thread, kill its workers, then take its result."""
+    return BackgroundTraining
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import math
 import re
 import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -139,32 +138,20 @@ def _latest_checkpoint_step(s3, prefix: str, name: str) -> int:
 
 
 def test_a_worker_killed_after_a_step_checkpoint_resumes_exactly_where_it_was(uninterrupted, services, s3,
-                                                                              motion_set, prefix):
+                                                                              motion_set, prefix,
+                                                                              training_in_background):
     cfg = config(motion_set, prefix, "killed", f"epochs={EPOCHS}", "num_workers=2",
                  f"checkpoint_every_steps={EVERY}", "max_failures=1", "system_metrics_interval_s=0")
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = train(cfg)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
-            outcome["error"] = exc
-
-    job = threading.Thread(target=fit)
-    job.start()
+    job = training_in_background(cfg)
     deadline = time.monotonic() + 300
     # a mid-epoch step checkpoint is committed (the epoch's end checkpoints at step 6, 12)
     while (latest := _latest_checkpoint_step(s3, prefix, "killed")) % STEPS_PER_EPOCH == 0:
-        assert time.monotonic() < deadline and job.is_alive(), f"no step checkpoint appeared: {outcome}"
+        assert time.monotonic() < deadline and job.is_alive(), f"no step checkpoint appeared: {job.outcome}"
         time.sleep(0.05)
     workers = train_workers()
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGKILL)
-    job.join(timeout=600)
-    assert not job.is_alive()
-    if "error" in outcome:
-        raise outcome["error"]
-    result = outcome["result"]
+    result = job.result(timeout=600)
     total = EPOCHS * STEPS_PER_EPOCH
 
     assert result.metrics["step"] == total  # the configured number of steps, no more, no fewer

@@ -4,7 +4,6 @@ the latest checkpoint and continue with the next epoch, and everything lands in 
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import mlflow
@@ -17,14 +16,14 @@ from pipelines.data.synthetic import SyntheticSpec, generate
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.job import run as preprocess
 from pipelines.train.config import TrainConfig
-from pipelines.train.job import run as train
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 4
 
 
-def test_a_killed_training_worker_is_replaced_and_training_resumes(services, ray_session, tmp_path):
+def test_a_killed_training_worker_is_replaced_and_training_resumes(services, ray_session, tmp_path,
+                                                                  training_in_background):
     generate(tmp_path / "videos", SyntheticSpec(classes=4, videos_per_class=8, frames=16, size=48, seed=5))
     dataset = tmp_path / "ds"
     preprocess(load_config(PreprocessConfig, None, [
@@ -38,16 +37,7 @@ def test_a_killed_training_worker_is_replaced_and_training_resumes(services, ray
         "clip.num_frames=8", "clip.sampling_rate=2", "clip.crop_size=32", "clip.train_crop=random",
         "clip.horizontal_flip=false", "optim.lr_batch=8", "optim.warmup_epochs=1", "max_failures=1",
     ])
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = train(cfg)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
-            outcome["error"] = exc
-
-    job = threading.Thread(target=fit)
-    job.start()
+    job = training_in_background(cfg)
 
     deadline = time.monotonic() + 240
     # epoch 0 is done and its checkpoint registered by the controller (which then writes its snapshot)
@@ -61,13 +51,9 @@ def test_a_killed_training_worker_is_replaced_and_training_resumes(services, ray
     while job.is_alive() and not replaced:  # Ray Train starts a new worker group
         replaced = bool(set(train_workers()) - set(workers))
         time.sleep(0.1)
-    job.join(timeout=400)
-    assert not job.is_alive()
-    if "error" in outcome:
-        raise outcome["error"]
+    result = job.result(timeout=400)
     assert replaced, "no replacement worker group was started"
 
-    result = outcome["result"]
     client = mlflow.MlflowClient(services.mlflow_uri)
     experiment = client.get_experiment_by_name("restart")
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [result.mlflow_run_id]
